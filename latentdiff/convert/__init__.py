@@ -1,0 +1,1 @@
+"""Weight import: diffusers folders and CompVis checkpoints into our parameter trees."""

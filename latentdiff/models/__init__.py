@@ -1,0 +1,1 @@
+"""Flax Linen modules: autoencoders, UNet, conditioning encoders."""

@@ -1,0 +1,103 @@
+"""Small building blocks shared by every model: norms, convs, resampling, timestep embedding.
+
+Conventions: NHWC activations; every module takes `dtype` (compute) and `param_dtype` (storage).
+Norms always compute in float32 and return the compute dtype. Parameter names follow diffusers so
+that its checkpoints convert by rule (see `latentdiff.convert.torch_names`).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm computed in float32 (params `scale`, `bias`), returned in `dtype`."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        b = x32.shape[0]
+        g = x32.reshape(b, -1, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(g, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=(1, 3), keepdims=True)
+        g = (g - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = g.reshape(x32.shape)
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, computed in float32 (torch's default eps 1e-5)."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def conv(features, kernel=3, stride=1, padding=1, *, dtype, param_dtype, name, zero_init=False,
+         use_bias=True):
+    """A 2-D conv with explicit symmetric padding (never 'SAME', which differs for stride 2)."""
+    kwargs = {}
+    if zero_init:
+        kwargs = dict(kernel_init=nn.initializers.zeros)
+    pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
+                   use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name, **kwargs)
+
+
+def dense(features, *, dtype, param_dtype, name, use_bias=True, zero_init=False):
+    """A Dense layer (kernel stored (in, out))."""
+    kwargs = dict(kernel_init=nn.initializers.zeros) if zero_init else {}
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    **kwargs)
+
+
+def upsample_nearest(x, factor=2):
+    """Nearest-neighbour upsampling of an NHWC tensor by an integer factor."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+    return x.reshape(b, h * factor, w * factor, c)
+
+
+def avg_pool2(x):
+    """2x2 average pooling with stride 2 (NHWC)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape (B,) -> (B, dim).
+
+    `flip_sin_to_cos=True, freq_shift=0` is the paper's openaimodel embedding (cos first);
+    diffusers' `downscale_freq_shift` is `freq_shift`.
+    """
+    half = dim // 2
+    exponent = -jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
