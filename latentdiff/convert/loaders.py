@@ -1,0 +1,308 @@
+"""`from_pretrained` sources: a diffusers LDM folder, a CompVis `.ckpt` + YAML, our own checkpoint.
+
+Each loader returns the keyword arguments of `LatentDiffusionPipeline`: modules, parameter trees
+(converted by `torch_names.convert_state_dict`, which names the first mismatching parameter), the
+noise schedule and the `PipelineConfig`.
+"""
+import dataclasses
+import json
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latentdiff.convert import compvis
+from latentdiff.convert.torch_names import convert_state_dict, load_state_dict
+from latentdiff.diffusion import samplers
+from latentdiff.diffusion.schedules import NoiseSchedule
+from latentdiff.models.autoencoder import AutoencoderConfig, make_autoencoder
+from latentdiff.models.conditioning import ClassEmbedder, SpatialRescaler
+from latentdiff.models.text import LDMBert, TextEncoderConfig
+from latentdiff.models.tokenizer import BertTokenizer
+from latentdiff.models.unet import UNet, UNetConfig
+
+OWN_CONFIG = "latentdiff.json"
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
+_LEGACY_ATTENTION = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
+_LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def load(path, config=None, dtype=jnp.float32, use_ema=True):
+    """Dispatch on what `path` is; see the module docstring."""
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, OWN_CONFIG)):
+            return load_own(path, dtype, use_ema)
+        if os.path.exists(os.path.join(path, "model_index.json")):
+            return load_diffusers(path, dtype)
+        raise FileNotFoundError(f"{path} holds neither model_index.json (diffusers) nor {OWN_CONFIG}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if config is None:
+        guess = os.path.splitext(path)[0] + ".yaml"
+        config = guess if os.path.exists(guess) else None
+    if config is None:
+        raise ValueError(f"a CompVis checkpoint needs its YAML: from_pretrained('{path}', config='config.yaml')")
+    return load_compvis(path, config, dtype, use_ema)
+
+
+# ---------------------------------------------------------------------------- shared pieces
+def abstract_params(module, *args, **kwargs):
+    """Parameter shapes of `module` for the given example inputs, without allocating them."""
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
+
+
+def unet_example(unet, latent_hw=8):
+    cfg = unet.config
+    x = jnp.zeros((1, latent_hw, latent_hw, cfg.in_channels))
+    t = jnp.zeros((1,), jnp.int32)
+    ctx = jnp.zeros((1, 1, cfg.context_dim)) if cfg.context_dim else None
+    y = jnp.zeros((1,), jnp.int32) if cfg.num_classes else None
+    return (x, t, ctx, y)
+
+
+def _convert_unet(unet, sd):
+    size = 2 ** (len(unet.config.channel_mult) - 1)
+    return convert_state_dict(sd, abstract_params(unet, *unet_example(unet, size)), prefix="unet")
+
+
+def _convert_vae(vae, sd):
+    size = 2 ** len(vae.config.ch_mult)
+    x = jnp.zeros((1, size, size, vae.config.in_channels))
+    return convert_state_dict(_modern_attention_names(sd), abstract_params(vae, x),
+                              ignore=("loss.",), prefix="first stage")
+
+
+def _convert_text(model, sd):
+    ids = jnp.zeros((1, model.config.max_length), jnp.int32)
+    return convert_state_dict(sd, abstract_params(model, ids), ignore=("to_logits.",),
+                              prefix="text encoder")
+
+
+def _modern_attention_names(sd):
+    """diffusers' old attention names (query/key/value/proj_attn) -> to_q/to_k/to_v/to_out.0."""
+    return {_LEGACY_ATTENTION.sub(lambda m: m.group(1) + _LEGACY_NAMES[m.group(2)] + ".", k): v
+            for k, v in sd.items()}
+
+
+def _as_device(tree, dtype=jnp.float32):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)
+
+
+# ---------------------------------------------------------------------------- diffusers
+def _read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _component_state_dict(folder):
+    for name in _WEIGHT_FILES:
+        p = os.path.join(folder, name)
+        if os.path.exists(p):
+            return load_state_dict(p)
+    raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(_WEIGHT_FILES)}")
+
+
+def load_diffusers(path, dtype=jnp.float32):
+    """A diffusers LDMTextToImagePipeline / LDMPipeline / LDMSuperResolutionPipeline folder."""
+    from latentdiff.pipeline import PipelineConfig
+
+    kind = _read_json(os.path.join(path, "model_index.json"))["_class_name"]
+    supported = {"LDMTextToImagePipeline": "text2img", "LDMPipeline": "uncond",
+                 "LDMSuperResolutionPipeline": "superres"}
+    if kind not in supported:
+        raise ValueError(f"{path} is a {kind}; latentdiff loads {', '.join(supported)}")
+    task = supported[kind]
+    vae_cfg = _read_json(os.path.join(path, "vqvae", "config.json"))
+    ae = AutoencoderConfig.from_diffusers(vae_cfg, "vq" if vae_cfg["_class_name"] == "VQModel" else "kl")
+    vae = make_autoencoder(ae, dtype=dtype)
+    unet_cfg = _read_json(os.path.join(path, "unet", "config.json"))
+    unet = UNet(UNetConfig.from_diffusers(unet_cfg), dtype=dtype)
+    sched = _read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+    params = {"vae": _convert_vae(vae, _component_state_dict(os.path.join(path, "vqvae"))),
+              "unet": _convert_unet(unet, _component_state_dict(os.path.join(path, "unet")))}
+    cond_model = tokenizer = None
+    if task == "text2img":
+        cond_model = LDMBert(TextEncoderConfig.from_diffusers(
+            _read_json(os.path.join(path, "bert", "config.json"))), dtype=dtype)
+        params["cond"] = _convert_text(cond_model, _component_state_dict(os.path.join(path, "bert")))
+        tokenizer = BertTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    in_ch = unet.config.in_channels
+    config = PipelineConfig(
+        task=task,
+        scale_factor=float(vae_cfg.get("scaling_factor", 0.18215)) if task == "text2img" else 1.0,
+        latent_channels=in_ch // 2 if task == "superres" else in_ch,
+        latent_size=int(unet_cfg.get("sample_size") or 32),
+        vae_scale=2 ** (len(ae.ch_mult) - 1),
+        prediction_type={"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[
+            sched.get("prediction_type", "epsilon")],
+        **samplers.sampler_kwargs_from_diffusers(sched))
+    return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer,
+                schedule=NoiseSchedule.from_diffusers(sched), config=config, params=_as_device(params))
+
+
+# ---------------------------------------------------------------------------- CompVis
+def _yaml(path):
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _split_prefix(sd, prefix):
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def load_compvis(ckpt, yaml_path, dtype=jnp.float32, use_ema=True):
+    """A CompVis LatentDiffusion `.ckpt` with the YAML it was released with."""
+    from latentdiff.pipeline import PipelineConfig
+
+    p = _yaml(yaml_path)["model"]["params"]
+    sd = load_state_dict(ckpt)
+    if use_ema:
+        sd, _ = compvis.ema_weights(sd)
+    # first stage
+    fs = p["first_stage_config"]
+    fs_kind = "vq" if "VQ" in fs["target"] else "kl"
+    ae = AutoencoderConfig.from_compvis(fs["params"]["ddconfig"], fs["params"]["embed_dim"],
+                                        fs["params"].get("n_embed"))
+    vae = make_autoencoder(dataclasses.replace(ae, kind=fs_kind), dtype=dtype)
+    vae_sd = compvis.autoencoder_to_diffusers(
+        {k: v for k, v in _split_prefix(sd, "first_stage_model.").items() if not k.startswith("loss.")},
+        len(ae.ch_mult))
+    params = {"vae": _convert_vae(vae, vae_sd)}
+    # UNet
+    ucfg = UNetConfig.from_compvis(p["unet_config"]["params"])
+    unet = UNet(ucfg, dtype=dtype)
+    unet_sd = compvis.unet_to_diffusers(
+        _split_prefix(sd, "model.diffusion_model."), ucfg.num_res_blocks, len(ucfg.channel_mult),
+        ucfg.heads_at, p["unet_config"]["params"].get("use_new_attention_order", False))
+    params["unet"] = _convert_unet(unet, unet_sd)
+    # conditioning
+    cond_model, tokenizer, null_class, task = None, None, None, "uncond"
+    cs = p.get("cond_stage_config", "__is_unconditional__")
+    cs_target = cs if isinstance(cs, str) else cs["target"]
+    cs_params = {} if isinstance(cs, str) else cs.get("params", {}) or {}
+    key = p.get("conditioning_key") or ("concat" if p.get("concat_mode", True) else "crossattn")
+    cond_sd = _split_prefix(sd, "cond_stage_model.")
+    if cs_target == "__is_unconditional__":
+        task = "uncond"
+    elif cs_target.endswith("ClassEmbedder"):
+        n = int(cs_params.get("n_classes", 1000))
+        cond_model = ClassEmbedder(n_classes=n, embed_dim=int(cs_params["embed_dim"]), dtype=dtype)
+        params["cond"] = convert_state_dict(cond_sd, abstract_params(cond_model, jnp.zeros((1,), jnp.int32)),
+                                            prefix="class embedder")
+        task, null_class = "class2img", (n - 1 if n == 1001 else None)
+    elif cs_target.endswith("BERTEmbedder"):
+        tcfg = TextEncoderConfig.from_compvis(cs_params)
+        cond_model = LDMBert(tcfg, dtype=dtype)
+        params["cond"] = _convert_text(cond_model, compvis.bert_embedder_to_diffusers(
+            _split_prefix(sd, "cond_stage_model.transformer.")))
+        tokenizer = _tokenizer_beside(ckpt, yaml_path)
+        task = "text2img"
+    elif cs_target.endswith("SpatialRescaler"):
+        cond_model = SpatialRescaler(**{k: v for k, v in cs_params.items()}, dtype=dtype)
+        c_in = int(cs_params.get("in_channels", 3))
+        params["cond"] = convert_state_dict(
+            cond_sd, abstract_params(cond_model, jnp.zeros((1, 8, 8, c_in))), prefix="spatial rescaler")
+        task = "semantic"
+    elif cs_target == "__is_first_stage__":
+        task = "inpaint"
+    elif cs_target == "torch.nn.Identity" and key == "concat":
+        task = "superres"
+    else:
+        raise ValueError(f"unsupported cond_stage_config target '{cs_target}' (conditioning_key {key})")
+    if "scale_factor" in sd:
+        scale = float(np.asarray(sd["scale_factor"]))
+    else:
+        scale = float(p.get("scale_factor", 1.0))
+    schedule = NoiseSchedule.from_config(p.get("beta_schedule", "linear"), int(p.get("timesteps", 1000)),
+                                         float(p.get("linear_start", 1e-4)), float(p.get("linear_end", 2e-2)))
+    channels = int(p.get("channels", ucfg.out_channels))
+    config = PipelineConfig(
+        task=task, scale_factor=scale, latent_channels=channels,
+        latent_size=int(p.get("image_size", 32)), vae_scale=2 ** (len(ae.ch_mult) - 1),
+        null_class=null_class, prediction_type=p.get("parameterization", "eps"))
+    return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer, schedule=schedule,
+                config=config, params=_as_device(params))
+
+
+def _tokenizer_beside(*paths):
+    for p in paths:
+        vocab = os.path.join(os.path.dirname(os.path.abspath(p)), "vocab.txt")
+        if os.path.exists(vocab):
+            return BertTokenizer(vocab)
+    raise FileNotFoundError(
+        "this text-to-image checkpoint tokenises with BERT's WordPiece vocabulary: put bert-base-uncased's "
+        f"vocab.txt (from the Hugging Face model 'bert-base-uncased') next to {paths[0]}")
+
+
+# ---------------------------------------------------------------------------- our own format
+def save(pipe, path):
+    """Write configs as JSON and parameters with orbax, plus the tokenizer's vocab.txt."""
+    import orbax.checkpoint as ocp
+
+    os.makedirs(path, exist_ok=True)
+    cond = None
+    if pipe.cond_model is not None:
+        cond = {"type": type(pipe.cond_model).__name__,
+                "config": _fields(getattr(pipe.cond_model, "config", pipe.cond_model))}
+    meta = {"pipeline": dataclasses.asdict(pipe.config), "unet": dataclasses.asdict(pipe.unet.config),
+            "vae": dataclasses.asdict(pipe.vae.config), "cond": cond,
+            "betas": [float(b) for b in np.asarray(pipe.schedule.betas)]}
+    with open(os.path.join(path, OWN_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
+    if pipe.tokenizer is not None:
+        shutil.copy(pipe.tokenizer.vocab_file, os.path.join(path, "vocab.txt"))
+    target = os.path.abspath(os.path.join(path, "params"))
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(target, jax.device_get(pipe.params))
+
+
+def _fields(obj):
+    """Constructor fields of a config dataclass or a flax module (dtype fields left out)."""
+    if dataclasses.is_dataclass(obj) and not hasattr(obj, "apply"):
+        return dataclasses.asdict(obj)
+    names = [f.name for f in dataclasses.fields(obj)
+             if f.name not in ("parent", "name", "dtype", "param_dtype")]
+    return {n: getattr(obj, n) for n in names}
+
+
+def _tuples(d):
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def load_own(path, dtype=jnp.float32, use_ema=True):
+    """Our own format: `latentdiff.json` + orbax parameters (EMA parameters preferred when present)."""
+    import orbax.checkpoint as ocp
+    from latentdiff.pipeline import PipelineConfig
+
+    meta = _read_json(os.path.join(path, OWN_CONFIG))
+    unet = UNet(UNetConfig(**_tuples(meta["unet"])), dtype=dtype)
+    vae = make_autoencoder(AutoencoderConfig(**_tuples(meta["vae"])), dtype=dtype)
+    cond_model, tokenizer = None, None
+    if meta["cond"]:
+        kind, cfg = meta["cond"]["type"], meta["cond"]["config"]
+        if kind == "LDMBert":
+            cond_model = LDMBert(TextEncoderConfig(**_tuples(cfg)), dtype=dtype)
+            tokenizer = BertTokenizer(os.path.join(path, "vocab.txt"))
+        elif kind == "ClassEmbedder":
+            cond_model = ClassEmbedder(**cfg, dtype=dtype)
+        elif kind == "SpatialRescaler":
+            cond_model = SpatialRescaler(**cfg, dtype=dtype)
+        else:
+            raise ValueError(f"unknown conditioning model '{kind}' in {path}")
+    names = ["params_ema", "params"] if use_ema else ["params"]
+    folder = next((os.path.join(path, n) for n in names if os.path.exists(os.path.join(path, n))), None)
+    if folder is None:
+        raise FileNotFoundError(f"no parameters in {path} (expected a 'params' folder)")
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(os.path.abspath(folder))
+    schedule = NoiseSchedule(np.asarray(meta["betas"], np.float64))
+    return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer, schedule=schedule,
+                config=PipelineConfig(**meta["pipeline"]), params=_as_device(params))

@@ -1,0 +1,217 @@
+"""`LatentDiffusionPipeline`: load a released or trained LDM and sample it in one jitted program.
+
+The program encodes the conditioning, runs every denoising step (`lax.scan`, classifier-free
+guidance in one doubled batch) and decodes the latents; it is compiled once per batch shape and
+sampler setting and cached.
+"""
+import dataclasses
+import functools
+import json
+import os
+import warnings
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latentdiff.diffusion import samplers
+from latentdiff.diffusion.schedules import NoiseSchedule
+
+TASKS = ("text2img", "class2img", "uncond", "superres", "inpaint", "semantic")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What a checkpoint says about sampling, beyond the modules themselves."""
+
+    task: str = "text2img"
+    scale_factor: float = 1.0
+    latent_channels: int = 4
+    latent_size: int = 32  # training latent resolution (height = width)
+    vae_scale: int = 8  # image pixels per latent pixel
+    null_class: Optional[int] = None  # label meaning "no class" for guidance (cin256-v2: 1000)
+    prediction_type: str = "eps"
+    spacing: Optional[str] = None  # timestep spacing; None = each sampler's paper default
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    max_length: int = 77
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task '{self.task}'; one of {TASKS}")
+
+
+class LatentDiffusionPipeline:
+    """A latent diffusion model ready to sample: modules, their parameters and the noise schedule."""
+
+    def __init__(self, *, unet, vae, schedule: NoiseSchedule, config: PipelineConfig, params,
+                 cond_model=None, tokenizer=None):
+        self.unet, self.vae, self.cond_model, self.tokenizer = unet, vae, cond_model, tokenizer
+        self.schedule, self.config = schedule, config
+        self.params = params  # {'unet': ..., 'vae': ..., 'cond': ... (optional)}
+        self._programs = {}
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path, config=None, *, dtype=jnp.float32, use_ema=True):
+        """Load a diffusers LDM folder, a CompVis `.ckpt` (with `config=` its YAML) or our own checkpoint."""
+        from latentdiff.convert import loaders
+
+        return cls(**loaders.load(path, config=config, dtype=dtype, use_ema=use_ema))
+
+    def save_pretrained(self, path):
+        """Write this pipeline in the project's own format (loadable by `from_pretrained`)."""
+        from latentdiff.convert import loaders
+
+        loaders.save(self, path)
+
+    # ------------------------------------------------------------------ sampling
+    def __call__(self, prompts=None, *, class_labels=None, image=None, mask=None, rng=None,
+                 num_inference_steps=50, guidance_scale=1.0, eta=0.0, sampler="ddim",
+                 latents=None, height=None, width=None, num_samples=None, output_type="uint8"):
+        """Sample images; returns uint8 (B, H, W, 3). See DESIGN.md for the keywords.
+
+        `output_type='float'` gives [0, 1] float32 images, `'latents'` the final latents (NHWC).
+        """
+        cfg = self.config
+        cond, uncond, batch = self._conditioning(prompts, class_labels, image, mask, num_samples)
+        guided = float(guidance_scale) != 1.0
+        if guided and uncond is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs an unconditional input, which the "
+                             f"'{cfg.task}' task does not have; use guidance_scale=1.0")
+        if sampler not in samplers.SAMPLERS:
+            raise ValueError(f"unknown sampler '{sampler}'; one of {samplers.SAMPLERS}")
+        h, w = self._latent_hw(height, width, image)
+        shape = (batch, h, w, cfg.latent_channels)
+        if latents is None:
+            if rng is None:
+                raise ValueError("pass rng=jax.random.key(seed) or latents= to sample")
+            rng, sub = jax.random.split(rng)
+            latents = jax.random.normal(sub, shape, jnp.float32)
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.shape != shape:
+            raise ValueError(f"latents must have shape {shape} (NHWC), got {latents.shape}")
+        if rng is None:
+            rng = jax.random.key(0)
+        key = (sampler, int(num_inference_steps), guided, shape)
+        if key not in self._programs:
+            self._programs[key] = self._build_program(sampler, int(num_inference_steps), guided)
+        z, images = self._programs[key](self.params, cond, uncond, latents, rng,
+                                        jnp.float32(guidance_scale), jnp.float32(eta))
+        if output_type == "latents":
+            return np.asarray(z)
+        if output_type == "float":
+            return np.asarray(images)
+        if output_type != "uint8":
+            raise ValueError(f"output_type must be 'uint8', 'float' or 'latents', got '{output_type}'")
+        return np.asarray(jnp.round(images * 255.0)).astype(np.uint8)
+
+    def _latent_hw(self, height, width, image):
+        cfg = self.config
+        if cfg.task in ("superres", "inpaint", "semantic"):
+            hw = image.shape[1:3]
+            scale = 1 if cfg.task == "superres" else cfg.vae_scale
+            return hw[0] // scale, hw[1] // scale
+        pix = cfg.latent_size * cfg.vae_scale
+        height, width = height or pix, width or pix
+        unit = cfg.vae_scale * 2 ** (len(self.unet.config.channel_mult) - 1)
+        if height % unit or width % unit:
+            raise ValueError(f"height and width must be multiples of {unit} for this model, "
+                             f"got {height}x{width}")
+        return height // cfg.vae_scale, width // cfg.vae_scale
+
+    def _conditioning(self, prompts, class_labels, image, mask, num_samples):
+        """Host-side inputs of the program: (cond, uncond, batch size)."""
+        cfg = self.config
+        if cfg.task == "text2img":
+            if prompts is None:
+                raise ValueError("this is a text-to-image model: pass prompts")
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            ids = self.tokenizer.encode(prompts, max_length=cfg.max_length)
+            null = self.tokenizer.encode([""] * len(prompts), max_length=cfg.max_length)
+            return jnp.asarray(ids), jnp.asarray(null), len(prompts)
+        if cfg.task == "class2img":
+            if class_labels is None:
+                raise ValueError("this is a class-conditional model: pass class_labels")
+            labels = np.asarray(class_labels, np.int32).reshape(-1)
+            n = self.cond_model.n_classes
+            if labels.min() < 0 or labels.max() >= n:
+                raise ValueError(f"class_labels must lie in [0, {n}), got {labels.tolist()}")
+            null = None if cfg.null_class is None else np.full_like(labels, cfg.null_class)
+            return jnp.asarray(labels), None if null is None else jnp.asarray(null), len(labels)
+        if cfg.task == "uncond":
+            return None, None, int(num_samples or 1)
+        if image is None:
+            raise ValueError(f"the '{cfg.task}' task needs image=")
+        image = np.asarray(image)
+        if cfg.task == "semantic":
+            return jnp.asarray(image, jnp.float32), None, image.shape[0]
+        image = _to_unit_range(image)
+        if cfg.task == "superres":
+            return jnp.asarray(image), None, image.shape[0]
+        if mask is None:
+            raise ValueError("inpainting needs mask= (1 where to fill in)")
+        mask = np.asarray(mask, np.float32)
+        mask = mask[..., None] if mask.ndim == 3 else mask
+        if mask.shape[:3] != image.shape[:3] or mask.shape[-1] != 1:
+            raise ValueError(f"mask must have shape {image.shape[:3]} (+ optional 1 channel) to "
+                             f"match the image, got {mask.shape}")
+        return (jnp.asarray(image), jnp.asarray((mask >= 0.5).astype(np.float32))), None, image.shape[0]
+
+    # ------------------------------------------------------------------ the jitted program
+    def _build_program(self, sampler, num_steps, guided):
+        cfg, unet, vae, cond_model = self.config, self.unet, self.vae, self.cond_model
+        schedule = self.schedule
+        kwargs = dict(prediction_type=cfg.prediction_type, steps_offset=cfg.steps_offset,
+                      set_alpha_to_one=cfg.set_alpha_to_one, spacing=cfg.spacing)
+
+        def encode_cond(params, c):
+            """Conditioning input -> (context for cross-attention, channels to concatenate)."""
+            if cfg.task in ("text2img", "class2img"):
+                return cond_model.apply({"params": params["cond"]}, c), None
+            if cfg.task == "superres":
+                return None, c
+            if cfg.task == "semantic":
+                return None, cond_model.apply({"params": params["cond"]}, c)
+            if cfg.task == "inpaint":
+                img, m = c
+                masked = vae.apply({"params": params["vae"]}, img * (1.0 - m), method="encode")
+                small = jax.image.resize(m, masked.shape[:3] + (1,), "nearest")
+                return None, jnp.concatenate([masked, small], axis=-1)
+            return None, None
+
+        def program(params, cond, uncond, x_T, rng, guidance_scale, eta):
+            ctx, concat = encode_cond(params, cond)
+            if guided:
+                uctx, _ = encode_cond(params, uncond)
+                ctx = jnp.concatenate([uctx, ctx], axis=0)
+
+            def model_fn(x, t):
+                xin = x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], -1)
+                if not guided:
+                    return unet.apply({"params": params["unet"]}, xin, t, ctx).astype(jnp.float32)
+                out = unet.apply({"params": params["unet"]}, jnp.concatenate([xin, xin]),
+                                 jnp.concatenate([t, t]), ctx).astype(jnp.float32)
+                out_u, out_c = jnp.split(out, 2)
+                return out_u + guidance_scale * (out_c - out_u)
+
+            z = samplers.sample(model_fn, x_T, schedule, sampler=sampler, num_steps=num_steps,
+                                eta=eta, rng=rng, **kwargs)
+            x = vae.apply({"params": params["vae"]}, z / cfg.scale_factor, method="decode")
+            x = jnp.clip((x.astype(jnp.float32) + 1.0) / 2.0, 0.0, 1.0)
+            if cfg.task == "inpaint":
+                img, m = cond
+                x = (1.0 - m) * (img + 1.0) / 2.0 + m * x
+            return z, x
+
+        return jax.jit(program)
+
+
+def _to_unit_range(image):
+    """uint8 [0,255] or float [-1,1] NHWC images -> float32 [-1, 1]."""
+    if image.ndim != 4 or image.shape[-1] != 3:
+        raise ValueError(f"image must be NHWC with 3 channels, got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 127.5 - 1.0
+    return image.astype(np.float32)
