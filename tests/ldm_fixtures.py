@@ -48,7 +48,8 @@ def ldm_text2img_folder(path):
                                       encoder_layers=2, encoder_attention_heads=2, head_dim=16,
                                       encoder_ffn_dim=64))
     perturb_(bert, seed=3)
-    tok = transformers.BertTokenizer(vocab_file=write_vocab(os.path.join(path, "_vocab")))
+    tok = transformers.BertTokenizer(vocab=write_vocab(os.path.join(path, "_vocab")))
+    assert len(tok) == len(VOCAB)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tok, unet=unet, scheduler=sched)

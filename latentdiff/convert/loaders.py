@@ -256,7 +256,7 @@ def save(pipe, path):
     with open(os.path.join(path, OWN_CONFIG), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
     if pipe.tokenizer is not None:
-        shutil.copy(pipe.tokenizer.vocab_file, os.path.join(path, "vocab.txt"))
+        pipe.tokenizer.save_vocab(os.path.join(path, "vocab.txt"))
     target = os.path.abspath(os.path.join(path, "params"))
     if os.path.exists(target):
         shutil.rmtree(target)
