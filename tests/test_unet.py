@@ -1,0 +1,251 @@
+"""UNet parity with diffusers' PyTorch UNets (fp32 CPU), config readers, paper parameter counts."""
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from latentdiff.models.unet import UNet, UNetConfig
+from tests.torch_utils import flax_params_from_torch, nchw, nhwc, rel_err
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+B, S = 2, 16
+
+
+def _torch_model(cls, **kwargs):
+    """A diffusers model with random weights, every parameter (incl. zero-init convs) perturbed."""
+    torch.manual_seed(0)
+    model = cls(sample_size=S, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _inputs(channels, seed=0):
+    rng = np.random.RandomState(seed)
+    return rng.randn(B, S, S, channels).astype(np.float32), np.array([3, 742])
+
+
+def _run(model, params, *args, **kwargs):
+    return jax.jit(model.apply)({"params": params}, *args, **kwargs)
+
+
+# ---- (a) UNet2DConditionModel ------------------------------------------------------------------
+
+COND_LDM = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
+# every level attends, per-level heads, 2 transformer layers, Dense projections, class labels
+COND_VARIANT = dict(in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                    down_block_types=("CrossAttnDownBlock2D",) * 2,
+                    up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=16,
+                    attention_head_dim=(2, 4), transformer_layers_per_block=2,
+                    use_linear_projection=True, num_class_embeds=5, norm_num_groups=8)
+
+
+@pytest.fixture(scope="module")
+def cond_ldm():
+    tm = _torch_model(diffusers.UNet2DConditionModel, **COND_LDM)
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    x, t = _inputs(4)
+    ctx = np.random.RandomState(1).randn(B, 5, 16).astype(np.float32)
+    model = UNet(cfg)
+    params = flax_params_from_torch(tm, model, x, t, ctx)
+    with torch.no_grad():
+        ref = tm(nchw(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)).sample
+    ref = nhwc(ref)
+    return cfg, params, (x, t, ctx), ref
+
+
+def test_condition_model_config(cond_ldm):
+    cfg = cond_ldm[0]
+    assert cfg.use_spatial_transformer and cfg.context_dim == 16 and cfg.num_heads == 2
+    assert cfg.attention_resolutions == (1,) and cfg.channel_mult == (1, 2)
+    assert cfg.num_res_blocks == 2 and not cfg.resblock_updown
+
+
+def test_condition_model_parity(cond_ldm):
+    cfg, params, args, ref = cond_ldm
+    err = rel_err(_run(UNet(cfg), params, *args), ref)
+    assert err <= 1e-4, err
+
+
+def test_condition_model_variant_parity():
+    tm = _torch_model(diffusers.UNet2DConditionModel, **COND_VARIANT)
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    assert cfg.num_heads == (2, 4) and cfg.transformer_depth == 2 and cfg.use_linear_projection
+    x, t = _inputs(4, seed=2)
+    ctx = np.random.RandomState(3).randn(B, 7, 16).astype(np.float32)
+    y = np.array([4, 1])
+    model = UNet(cfg)
+    params = flax_params_from_torch(tm, model, x, t, ctx, y=y)
+    assert params["class_embedding"]["embedding"].shape == (5, 128)
+    with torch.no_grad():
+        ref = tm(nchw(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx),
+                 class_labels=torch.from_numpy(y)).sample
+    err = rel_err(_run(model, params, x, t, ctx, y=y), nhwc(ref))
+    assert err <= 1e-4, err
+
+
+# ---- (b) UNet2DModel: AttentionBlock, scale-shift norm, resblock up/down, class labels ----------
+
+def test_unet2d_scale_shift_updown_class_parity():
+    tm = _torch_model(diffusers.UNet2DModel, in_channels=3, out_channels=3,
+                      block_out_channels=(32, 64, 96), layers_per_block=1,
+                      down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D",
+                                        "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                      downsample_type="resnet", upsample_type="resnet",
+                      resnet_time_scale_shift="scale_shift", attention_head_dim=16,
+                      norm_num_groups=8, attn_norm_num_groups=8, num_class_embeds=10)
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    assert cfg.use_scale_shift_norm and cfg.resblock_updown and cfg.num_classes == 10
+    assert cfg.num_head_channels == 16 and cfg.attention_resolutions == (2, 4)
+    assert not cfg.use_spatial_transformer
+    x, t = _inputs(3)
+    y = np.array([9, 0])
+    model = UNet(cfg)
+    params = flax_params_from_torch(tm, model, x, t, y=y)
+    down = params["down_blocks_0"]["downsamplers_0"]  # a ResnetBlock2D with down=True
+    assert set(down) == {"norm1", "conv1", "time_emb_proj", "norm2", "conv2"}
+    assert down["time_emb_proj"]["kernel"].shape == (128, 64)  # scale and shift
+    assert set(params["up_blocks_0"]["attentions_0"]) == {"group_norm", "to_q", "to_k", "to_v",
+                                                          "to_out_0"}
+    with torch.no_grad():
+        ref = tm(nchw(x), torch.from_numpy(t), class_labels=torch.from_numpy(y)).sample
+    err = rel_err(_run(model, params, x, t, y=y), nhwc(ref))
+    assert err <= 1e-4, err
+
+
+# ---- (c) concat conditioning: 7 input channels, 3 output; one full-width head; scalar t --------
+
+def test_unet2d_concat_channels_parity():
+    tm = _torch_model(diffusers.UNet2DModel, in_channels=7, out_channels=3,
+                      block_out_channels=(32, 64), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                      attention_head_dim=None, norm_num_groups=8)
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    assert cfg.num_heads == 1 and (cfg.in_channels, cfg.out_channels) == (7, 3)
+    x, _ = _inputs(7, seed=4)
+    model = UNet(cfg)
+    params = flax_params_from_torch(tm, model, x, 0)
+    with torch.no_grad():
+        ref = tm(nchw(x), 250).sample
+    out = _run(model, params, x, 250)
+    assert out.shape == (B, S, S, 3)
+    err = rel_err(out, nhwc(ref))
+    assert err <= 1e-4, err
+
+
+# ---- (d) the paper's models, abstractly -------------------------------------------------------
+
+RELEASED = {
+    "celebahq-ldm-vq-4": (dict(image_size=64, in_channels=3, out_channels=3, model_channels=224,
+                               attention_resolutions=[8, 4, 2], num_res_blocks=2,
+                               channel_mult=[1, 2, 3, 4], num_head_channels=32), 274.1e6),
+    "cin-ldm-vq-f8": (dict(image_size=32, in_channels=4, out_channels=4, model_channels=256,
+                           attention_resolutions=[4, 2, 1], num_res_blocks=2,
+                           channel_mult=[1, 2, 4], num_head_channels=32,
+                           use_spatial_transformer=True, transformer_depth=1, context_dim=512),
+                      395.0e6),
+    "cin256-v2": (dict(image_size=64, in_channels=3, out_channels=3, model_channels=192,
+                       attention_resolutions=[8, 4, 2], num_res_blocks=2,
+                       channel_mult=[1, 2, 3, 5], num_heads=1, use_spatial_transformer=True,
+                       transformer_depth=1, context_dim=512), 400.9e6),
+    "txt2img-1p4B": (dict(image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                          attention_resolutions=[4, 2, 1], num_res_blocks=2,
+                          channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+                          transformer_depth=1, context_dim=1280, use_checkpoint=True,
+                          legacy=False), 872.3e6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_parameter_counts(name):
+    params, want = RELEASED[name]
+    cfg = UNetConfig.from_compvis(params)
+    s = 2 ** (cfg.levels - 1)
+    x, t = jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,))
+    ctx = jnp.zeros((1, 1, cfg.context_dim)) if cfg.context_dim else None
+    shapes = jax.eval_shape(lambda: UNet(cfg).init(jax.random.key(0), x, t, ctx))
+    n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(shapes))
+    assert abs(n - want) / want < 5e-3, (name, n)
+
+
+def test_from_compvis_heads_and_remat():
+    cfg = UNetConfig.from_compvis(RELEASED["txt2img-1p4B"][0])
+    assert cfg.remat and [cfg.heads_at(i, cfg.level_channels(i)) for i in range(3)] == [
+        (8, 40), (8, 80), (8, 160)]
+    cfg = UNetConfig.from_compvis(RELEASED["cin256-v2"][0])
+    assert cfg.heads_at(2, cfg.level_channels(2)) == (1, 576)
+
+
+@pytest.mark.parametrize("bad", [dict(dims=3), dict(use_new_attention_order=True),
+                                 dict(dropout=0.1), dict(disable_self_attentions=[True]),
+                                 dict(num_heads=8), dict(num_res_blocks=[2, 2, 2, 2])])
+def test_from_compvis_rejects(bad):
+    with pytest.raises(ValueError):
+        UNetConfig.from_compvis({**RELEASED["celebahq-ldm-vq-4"][0], **bad})
+
+
+@pytest.mark.parametrize("bad", [
+    dict(mid_block_type=None), dict(addition_embed_type="text"), dict(class_embed_type="timestep"),
+    dict(only_cross_attention=True), dict(time_embedding_type="fourier"),
+    dict(down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D")),
+    dict(up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),  # asymmetric attention
+    dict(layers_per_block=(1, 2)), dict(block_out_channels=(32, 48))])
+def test_from_diffusers_condition_rejects(bad):
+    with pytest.raises(ValueError):
+        UNetConfig.from_diffusers({"_class_name": "UNet2DConditionModel", **COND_LDM, **bad})
+
+
+def test_from_diffusers_unet2d_rejects():
+    base = dict(_class_name="UNet2DModel", block_out_channels=(32, 64, 96),
+                down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                attention_head_dim=16)
+    UNetConfig.from_diffusers(base)
+    for bad in (dict(downsample_type="resnet"),  # DownBlock2D still downsamples with a conv
+                dict(resnet_time_scale_shift="scale_shift"),  # mid attention loses its GroupNorm
+                dict(attention_head_dim=20), dict(mid_block_scale_factor=2.0),
+                dict(time_embedding_type="fourier"),
+                dict(down_block_types=("AttnSkipDownBlock2D", "AttnDownBlock2D", "DownBlock2D"))):
+        with pytest.raises(ValueError):
+            UNetConfig.from_diffusers({**base, **bad})
+
+
+# ---- (e) bf16 compute, remat --------------------------------------------------------------------
+
+def test_bf16_compute_close_to_fp32(cond_ldm):
+    cfg, params, args, ref = cond_ldm
+    out = _run(UNet(cfg, dtype=jnp.bfloat16), params, *args)
+    assert out.dtype == jnp.bfloat16
+    err = rel_err(np.asarray(out, np.float32), ref)
+    assert err <= 2e-2, err
+
+
+def test_remat_wraps_blocks_without_renaming(cond_ldm):
+    cfg, params, (x, t, ctx), _ = cond_ldm
+    model = UNet(dataclasses.replace(cfg, remat=True))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, ctx))["params"]
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    remats = lambda m: len(re.findall(r"\bremat\w*\[", str(jax.make_jaxpr(
+        lambda p: m.apply({"params": p}, x, t, ctx))(params))))
+    assert remats(UNet(cfg)) == 0
+    assert remats(model) == 12 + 6  # every ResBlock (2+2, 2, 3+3) and attention site (2, 1, 3)
+
+
+def test_call_errors(cond_ldm):
+    cfg, params, (x, t, ctx), _ = cond_ldm
+    model = UNet(cfg)
+    with pytest.raises(ValueError, match="context"):
+        model.apply({"params": params}, x, t)
+    with pytest.raises(ValueError, match="divisible"):
+        model.apply({"params": params}, x[:, :15, :15], t, ctx)
