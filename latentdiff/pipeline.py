@@ -32,9 +32,12 @@ class PipelineConfig:
     vae_scale: int = 8  # image pixels per latent pixel
     null_class: Optional[int] = None  # label meaning "no class" for guidance (cin256-v2: 1000)
     prediction_type: str = "eps"
-    spacing: Optional[str] = None  # timestep spacing; None = each sampler's paper default
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False
+    # A diffusers scheduler_config's settings, applied when sampling with that scheduler's sampler;
+    # other samplers (and CompVis checkpoints) use each sampler's paper defaults.
+    scheduler: Optional[str] = None
+    spacing: Optional[str] = None
+    steps_offset: Optional[int] = None
+    set_alpha_to_one: Optional[bool] = None
     max_length: int = 77
 
     def __post_init__(self):
@@ -94,11 +97,11 @@ class LatentDiffusionPipeline:
             raise ValueError(f"latents must have shape {shape} (NHWC), got {latents.shape}")
         if rng is None:
             rng = jax.random.key(0)
-        key = (sampler, int(num_inference_steps), guided, shape)
+        key = (sampler, int(num_inference_steps), float(eta), guided, shape)
         if key not in self._programs:
-            self._programs[key] = self._build_program(sampler, int(num_inference_steps), guided)
+            self._programs[key] = self._build_program(sampler, int(num_inference_steps), float(eta), guided)
         z, images = self._programs[key](self.params, cond, uncond, latents, rng,
-                                        jnp.float32(guidance_scale), jnp.float32(eta))
+                                        jnp.float32(guidance_scale))
         if output_type == "latents":
             return np.asarray(z)
         if output_type == "float":
@@ -160,11 +163,13 @@ class LatentDiffusionPipeline:
         return (jnp.asarray(image), jnp.asarray((mask >= 0.5).astype(np.float32))), None, image.shape[0]
 
     # ------------------------------------------------------------------ the jitted program
-    def _build_program(self, sampler, num_steps, guided):
+    def _build_program(self, sampler, num_steps, eta, guided):
         cfg, unet, vae, cond_model = self.config, self.unet, self.vae, self.cond_model
         schedule = self.schedule
-        kwargs = dict(prediction_type=cfg.prediction_type, steps_offset=cfg.steps_offset,
-                      set_alpha_to_one=cfg.set_alpha_to_one, spacing=cfg.spacing)
+        kwargs = dict(prediction_type=cfg.prediction_type)
+        if sampler == cfg.scheduler:  # the checkpoint's own scheduler settings (diffusers folders)
+            kwargs.update(spacing=cfg.spacing, steps_offset=cfg.steps_offset,
+                          set_alpha_to_one=cfg.set_alpha_to_one)
 
         def encode_cond(params, c):
             """Conditioning input -> (context for cross-attention, channels to concatenate)."""
@@ -181,7 +186,7 @@ class LatentDiffusionPipeline:
                 return None, jnp.concatenate([masked, small], axis=-1)
             return None, None
 
-        def program(params, cond, uncond, x_T, rng, guidance_scale, eta):
+        def program(params, cond, uncond, x_T, rng, guidance_scale):
             ctx, concat = encode_cond(params, cond)
             if guided:
                 uctx, _ = encode_cond(params, uncond)

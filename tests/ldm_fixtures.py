@@ -52,6 +52,8 @@ def ldm_text2img_folder(path):
     assert len(tok) == len(VOCAB)
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    for m in (unet, vae, bert):
+        m.eval()  # no dropout in the reference
     pipe = LDMTextToImagePipeline(vqvae=vae, bert=bert, tokenizer=tok, unet=unet, scheduler=sched)
     pipe.save_pretrained(path)
     return pipe

@@ -22,21 +22,19 @@ def _rename_head(rest, table):
     return rest
 
 
-def _split_qkv(w, heads, new_order):
-    """openaimodel's fused qkv (3C, C[, 1]) -> q, k, v; legacy order groups channels per head."""
+def _split_qkv(w, heads):
+    """openaimodel's fused qkv (3C, C[, 1]) -> q, k, v; the legacy order groups channels per head."""
     c = w.shape[0] // 3
-    if new_order:
-        return np.split(w, 3, axis=0)
     grouped = w.reshape((heads, 3, c // heads) + w.shape[1:])
     return [grouped[:, i].reshape((c,) + w.shape[1:]) for i in range(3)]
 
 
-def _attention_block(prefix, rest, value, heads_at, new_order, out):
+def _attention_block(prefix, rest, value, heads_at, out):
     """AttentionBlock (norm, qkv, proj_out) -> diffusers Attention (group_norm, to_q/k/v, to_out.0)."""
     name, param = rest.rsplit(".", 1)
     if name == "qkv":
         c = value.shape[0] // 3
-        for n, part in zip(("to_q", "to_k", "to_v"), _split_qkv(value, heads_at(c), new_order)):
+        for n, part in zip(("to_q", "to_k", "to_v"), _split_qkv(value, heads_at(c))):
             out[f"{prefix}.{n}.{param}"] = part
     elif name == "proj_out":
         out[f"{prefix}.to_out.0.{param}"] = value
@@ -50,17 +48,17 @@ def _is_resblock(rest):
     return rest.split(".")[0] in ("in_layers", "emb_layers", "out_layers", "skip_connection")
 
 
-def _place(block, rest, value, heads_at, new_order, out, transformer_keys):
+def _place(block, rest, value, heads_at, out, transformer_keys):
     """Put one sub-module's parameter of a UNet block (resnet / attention / resampler) in `out`."""
     if _is_resblock(rest):
         out[f"{block}.{_rename_head(rest, _RESBLOCK)}"] = value
     elif transformer_keys:
         out[f"{block}.{rest}"] = value  # SpatialTransformer already uses diffusers' names
     else:
-        _attention_block(block, rest, value, heads_at, new_order, out)
+        _attention_block(block, rest, value, heads_at, out)
 
 
-def unet_to_diffusers(sd, num_res_blocks, num_levels, heads_at, new_attention_order=False):
+def unet_to_diffusers(sd, num_res_blocks, num_levels, heads_at):
     """Map an openaimodel.UNetModel state dict onto diffusers UNet2D(Condition)Model names.
 
     `heads_at(ch)` gives the number of heads of an attention site with `ch` channels.
@@ -93,7 +91,7 @@ def unet_to_diffusers(sd, num_res_blocks, num_levels, heads_at, new_attention_or
         if group == "middle_block":
             rest = f"{sub}.{rest}" if sub is not None else rest
             block = {0: "mid_block.resnets.0", 1: "mid_block.attentions.0", 2: "mid_block.resnets.1"}[i]
-            _place(block, rest, value, heads_at, new_attention_order, out, transformer)
+            _place(block, rest, value, heads_at, out, transformer)
             continue
         sub = int(sub)
         if group == "input_blocks":
@@ -102,7 +100,7 @@ def unet_to_diffusers(sd, num_res_blocks, num_levels, heads_at, new_attention_or
                 if rest.startswith("op."):
                     out[f"{base}.downsamplers.0.conv.{rest[3:]}"] = value
                 else:
-                    _place(f"{base}.downsamplers.0", rest, value, heads_at, new_attention_order, out, transformer)
+                    _place(f"{base}.downsamplers.0", rest, value, heads_at, out, transformer)
                 continue
             block = f"{base}.resnets.{j}" if sub == 0 else f"{base}.attentions.{j}"
         else:
@@ -116,7 +114,7 @@ def unet_to_diffusers(sd, num_res_blocks, num_levels, heads_at, new_attention_or
                 block = f"{base}.upsamplers.0"
             else:
                 block = f"{base}.attentions.{j}"
-        _place(block, rest, value, heads_at, new_attention_order, out, transformer)
+        _place(block, rest, value, heads_at, out, transformer)
     return out
 
 

@@ -137,11 +137,15 @@ def load_diffusers(path, dtype=jnp.float32):
         latent_channels=in_ch // 2 if task == "superres" else in_ch,
         latent_size=int(unet_cfg.get("sample_size") or 32),
         vae_scale=2 ** (len(ae.ch_mult) - 1),
-        prediction_type={"epsilon": "eps", "sample": "x0", "v_prediction": "v"}[
-            sched.get("prediction_type", "epsilon")],
-        **samplers.sampler_kwargs_from_diffusers(sched))
+        **_scheduler_settings(sched))
     return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer,
                 schedule=NoiseSchedule.from_diffusers(sched), config=config, params=_as_device(params))
+
+
+def _scheduler_settings(sched):
+    kw = samplers.sampler_kwargs_from_diffusers(sched)
+    kw["scheduler"] = kw.pop("sampler")
+    return kw
 
 
 # ---------------------------------------------------------------------------- CompVis
@@ -179,7 +183,7 @@ def load_compvis(ckpt, yaml_path, dtype=jnp.float32, use_ema=True):
     unet = UNet(ucfg, dtype=dtype)
     unet_sd = compvis.unet_to_diffusers(
         _split_prefix(sd, "model.diffusion_model."), ucfg.num_res_blocks, len(ucfg.channel_mult),
-        ucfg.heads_at, p["unet_config"]["params"].get("use_new_attention_order", False))
+        lambda ch: ucfg.heads_at(0, ch)[0])
     params["unet"] = _convert_unet(unet, unet_sd)
     # conditioning
     cond_model, tokenizer, null_class, task = None, None, None, "uncond"

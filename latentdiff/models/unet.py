@@ -664,7 +664,7 @@ class TimestepEmbedding(nn.Module):
 class UNet(nn.Module):
     """The LDM UNet: `(x NHWC, t (B,), context (B,L,D)?, y (B,)?) -> (B,H,W,out_channels)`.
 
-    Returns the compute dtype. H and W must be divisible by 2**(levels-1).
+    Returns float32 (the output head always runs in float32). H and W must be divisible by 2**(levels-1).
     """
 
     config: UNetConfig
@@ -704,8 +704,10 @@ class UNet(nn.Module):
         for i, level in enumerate(reversed(range(cfg.levels))):
             h = UpBlock(cfg, level, name=f"up_blocks_{i}", **kw)(h, skips[-n:], emb, context)
             skips = skips[:-n]
-        h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h))
-        return conv(cfg.out_channels, name="conv_out", zero_init=True, **kw)(h)
+        # The output head runs in float32: guidance amplifies rounding of eps by ~2*scale.
+        f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
+        h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **f32)(h))
+        return conv(cfg.out_channels, name="conv_out", zero_init=True, **f32)(h)
 
     def _check_context(self, context, batch):
         cfg = self.config
