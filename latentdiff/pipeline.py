@@ -5,11 +5,7 @@ guidance in one doubled batch) and decodes the latents; it is compiled once per 
 sampler setting and cached.
 """
 import dataclasses
-import functools
-import json
-import os
-import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +74,8 @@ class LatentDiffusionPipeline:
         `output_type='float'` gives [0, 1] float32 images, `'latents'` the final latents (NHWC).
         """
         cfg = self.config
+        if num_samples is None and latents is not None:
+            num_samples = np.shape(latents)[0]
         cond, uncond, batch = self._conditioning(prompts, class_labels, image, mask, num_samples)
         guided = float(guidance_scale) != 1.0
         if guided and uncond is None:
@@ -112,17 +110,19 @@ class LatentDiffusionPipeline:
 
     def _latent_hw(self, height, width, image):
         cfg = self.config
+        scale = 1 if cfg.task == "superres" else cfg.vae_scale  # input pixels per latent pixel
+        unit = scale * 2 ** (len(self.unet.config.channel_mult) - 1)
         if cfg.task in ("superres", "inpaint", "semantic"):
-            hw = image.shape[1:3]
-            scale = 1 if cfg.task == "superres" else cfg.vae_scale
-            return hw[0] // scale, hw[1] // scale
-        pix = cfg.latent_size * cfg.vae_scale
-        height, width = height or pix, width or pix
-        unit = cfg.vae_scale * 2 ** (len(self.unet.config.channel_mult) - 1)
+            height, width = np.shape(image)[1:3]
+            what = "the image's height and width"
+        else:
+            pix = cfg.latent_size * cfg.vae_scale
+            height, width = height or pix, width or pix
+            what = "height and width"
         if height % unit or width % unit:
-            raise ValueError(f"height and width must be multiples of {unit} for this model, "
+            raise ValueError(f"{what} must be multiples of {unit} for this model, "
                              f"got {height}x{width}")
-        return height // cfg.vae_scale, width // cfg.vae_scale
+        return height // scale, width // scale
 
     def _conditioning(self, prompts, class_labels, image, mask, num_samples):
         """Host-side inputs of the program: (cond, uncond, batch size)."""
@@ -179,10 +179,11 @@ class LatentDiffusionPipeline:
                 return None, c
             if cfg.task == "semantic":
                 return None, cond_model.apply({"params": params["cond"]}, c)
-            if cfg.task == "inpaint":
+            if cfg.task == "inpaint":  # as scripts/inpaint.py: hole = -1 in the image, mask in {-1, 1}
                 img, m = c
-                masked = vae.apply({"params": params["vae"]}, img * (1.0 - m), method="encode")
-                small = jax.image.resize(m, masked.shape[:3] + (1,), "nearest")
+                masked = vae.apply({"params": params["vae"]}, (1.0 - m) * (img + 1.0) - 1.0,
+                                   method="encode")
+                small = _resize_nearest(2.0 * m - 1.0, masked.shape[1:3])
                 return None, jnp.concatenate([masked, small], axis=-1)
             return None, None
 
@@ -211,6 +212,15 @@ class LatentDiffusionPipeline:
             return z, x
 
         return jax.jit(program)
+
+
+def _resize_nearest(x, hw):
+    """NHWC resize to `hw` as torch's `F.interpolate(x, size=hw)` (mode 'nearest'): source index
+    floor(i * in / out). (`jax.image.resize` samples pixel centres, which picks other pixels.)"""
+    for axis, n in zip((1, 2), hw):
+        idx = np.floor(np.arange(n, dtype=np.float32) * np.float32(x.shape[axis] / n)).astype(np.int64)
+        x = jnp.take(x, np.minimum(idx, x.shape[axis] - 1), axis=axis)
+    return x
 
 
 def _to_unit_range(image):

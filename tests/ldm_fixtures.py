@@ -1,5 +1,6 @@
 """Tiny random-weight LDMs written to disk in the formats `from_pretrained` reads."""
 import os
+import re
 
 import numpy as np
 
@@ -78,9 +79,37 @@ def _swap(rest, table):
     return rest
 
 
-def compvis_unet_names(sd, num_res_blocks, attention_levels):
-    """diffusers UNet2DConditionModel names -> openaimodel.UNetModel names (test-side, independent)."""
+def _legacy_attention(sd, heads):
+    """UNet2DModel attention (group_norm, to_q/k/v, to_out.0 Linear) -> openaimodel AttentionBlock
+    (norm, one qkv conv1d whose 3C rows are grouped per head as [q_h, k_h, v_h], proj_out conv1d)."""
+    out = {}
+    for k, v in sd.items():
+        m = re.match(r"(.*attentions\.\d+)\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)$", k)
+        if m is None:
+            out[k] = v
+            continue
+        pre, name, param = m.groups()
+        conv1d = (lambda a: a[..., None]) if param == "weight" else (lambda a: a)
+        if name == "group_norm":
+            out[f"{pre}.norm.{param}"] = v
+        elif name == "to_out.0":
+            out[f"{pre}.proj_out.{param}"] = conv1d(v)
+        elif name == "to_q":
+            c = v.shape[0]
+            h = heads(c)
+            parts = [sd[f"{pre}.{n}.{param}"].reshape((h, c // h) + v.shape[1:])
+                     for n in ("to_q", "to_k", "to_v")]
+            out[f"{pre}.qkv.{param}"] = conv1d(np.stack(parts, 1).reshape((3 * c,) + v.shape[1:]))
+    return out
+
+
+def compvis_unet_names(sd, num_res_blocks, attention_levels, heads=None):
+    """diffusers UNet2DConditionModel / UNet2DModel names -> openaimodel.UNetModel names (test-side,
+    independent). `heads(ch)`: UNet2DModel attention becomes a legacy AttentionBlock with that many
+    heads; ResnetBlock2D resamplers (resblock_updown) become ResBlocks."""
     r = num_res_blocks
+    if heads is not None:
+        sd = _legacy_attention(sd, heads)
     out = {}
     for k, v in sd.items():
         p = k.split(".")
@@ -101,7 +130,9 @@ def compvis_unet_names(sd, num_res_blocks, attention_levels):
             if p[0] == "down_blocks":
                 j = int(p[3])
                 base = 1 + lvl * (r + 1)
-                if kind == "downsamplers":
+                if kind == "downsamplers" and p[4] != "conv":  # resblock_updown
+                    n = f"input_blocks.{base + r}.0." + _swap(rest, _RES)
+                elif kind == "downsamplers":
                     n = f"input_blocks.{base + r}.0.op.{p[-1]}"
                 else:
                     n = f"input_blocks.{base + j}.{0 if kind == 'resnets' else 1}." + (
@@ -111,7 +142,8 @@ def compvis_unet_names(sd, num_res_blocks, attention_levels):
                 base = lvl * (r + 1)
                 if kind == "upsamplers":
                     sub = 2 if attention_levels[lvl] else 1
-                    n = f"output_blocks.{base + r}.{sub}.conv.{p[-1]}"
+                    n = f"output_blocks.{base + r}.{sub}." + (
+                        f"conv.{p[-1]}" if p[4] == "conv" else _swap(rest, _RES))
                 else:
                     n = f"output_blocks.{base + j}.{0 if kind == 'resnets' else 1}." + (
                         _swap(rest, _RES) if kind == "resnets" else rest)

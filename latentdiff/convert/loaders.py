@@ -133,13 +133,25 @@ def load_diffusers(path, dtype=jnp.float32):
     in_ch = unet.config.in_channels
     config = PipelineConfig(
         task=task,
-        scale_factor=float(vae_cfg.get("scaling_factor", 0.18215)) if task == "text2img" else 1.0,
+        scale_factor=_diffusers_scale_factor(vae_cfg, task),
         latent_channels=in_ch // 2 if task == "superres" else in_ch,
         latent_size=int(unet_cfg.get("sample_size") or 32),
         vae_scale=2 ** (len(ae.ch_mult) - 1),
         **_scheduler_settings(sched))
     return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer,
                 schedule=NoiseSchedule.from_diffusers(sched), config=config, params=_as_device(params))
+
+
+def _diffusers_scale_factor(vae_cfg, task):
+    """What the diffusers pipeline divides latents by before decoding. LDMTextToImagePipeline and
+    LDMPipeline use `vqvae.config.scaling_factor`, super-resolution nothing. Where an LDMPipeline
+    folder (e.g. the released ldm-celebahq-256) has no `scaling_factor`, the paper's VQ value 1.0 is
+    used, not diffusers' default 0.18215 (diffusers issue #6725)."""
+    if task == "text2img":
+        return float(vae_cfg.get("scaling_factor", 0.18215))
+    if task == "uncond":
+        return float(vae_cfg.get("scaling_factor", 1.0))
+    return 1.0
 
 
 def _scheduler_settings(sched):
