@@ -6,7 +6,6 @@ legacy `qkv` projections of openaimodel's AttentionBlock are split here.
 """
 import re
 
-import numpy as np
 
 _RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
              "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}

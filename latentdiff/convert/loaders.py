@@ -172,78 +172,91 @@ def _split_prefix(sd, prefix):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_compvis(ckpt, yaml_path, dtype=jnp.float32, use_ema=True):
-    """A CompVis LatentDiffusion `.ckpt` with the YAML it was released with."""
+def build_ldm(p, dtype=jnp.float32, scale_factor=None):
+    """Modules, schedule and `PipelineConfig` of a CompVis `LatentDiffusion` params dict (no weights).
+
+    `p` is the YAML's `model.params` (training configs use the same layout). Returns a dict with
+    unet, vae, cond_model (or None), schedule, config, and `cond_target` (the cond stage's kind).
+    """
     from latentdiff.pipeline import PipelineConfig
 
-    p = _yaml(yaml_path)["model"]["params"]
-    sd = load_state_dict(ckpt)
-    if use_ema:
-        sd, _ = compvis.ema_weights(sd)
-    # first stage
     fs = p["first_stage_config"]
-    fs_kind = "vq" if "VQ" in fs["target"] else "kl"
     ae = AutoencoderConfig.from_compvis(fs["params"]["ddconfig"], fs["params"]["embed_dim"],
                                         fs["params"].get("n_embed"))
-    vae = make_autoencoder(dataclasses.replace(ae, kind=fs_kind), dtype=dtype)
-    vae_sd = compvis.autoencoder_to_diffusers(
-        {k: v for k, v in _split_prefix(sd, "first_stage_model.").items() if not k.startswith("loss.")},
-        len(ae.ch_mult))
-    params = {"vae": _convert_vae(vae, vae_sd)}
-    # UNet
+    vae = make_autoencoder(dataclasses.replace(ae, kind="vq" if "VQ" in fs["target"] else "kl"), dtype=dtype)
     ucfg = UNetConfig.from_compvis(p["unet_config"]["params"])
-    unet = UNet(ucfg, dtype=dtype)
-    unet_sd = compvis.unet_to_diffusers(
-        _split_prefix(sd, "model.diffusion_model."), ucfg.num_res_blocks, len(ucfg.channel_mult),
-        lambda ch: ucfg.heads_at(0, ch)[0])
-    params["unet"] = _convert_unet(unet, unet_sd)
-    # conditioning
-    cond_model, tokenizer, null_class, task = None, None, None, "uncond"
+    cond_model, null_class = None, None
     cs = p.get("cond_stage_config", "__is_unconditional__")
     cs_target = cs if isinstance(cs, str) else cs["target"]
-    cs_params = {} if isinstance(cs, str) else cs.get("params", {}) or {}
+    cs_params = {} if isinstance(cs, str) else dict(cs.get("params", {}) or {})
     key = p.get("conditioning_key") or ("concat" if p.get("concat_mode", True) else "crossattn")
-    cond_sd = _split_prefix(sd, "cond_stage_model.")
     if cs_target == "__is_unconditional__":
         task = "uncond"
     elif cs_target.endswith("ClassEmbedder"):
         n = int(cs_params.get("n_classes", 1000))
         cond_model = ClassEmbedder(n_classes=n, embed_dim=int(cs_params["embed_dim"]), dtype=dtype)
-        params["cond"] = convert_state_dict(cond_sd, abstract_params(cond_model, jnp.zeros((1,), jnp.int32)),
-                                            prefix="class embedder")
         task, null_class = "class2img", (n - 1 if n == 1001 else None)
     elif cs_target.endswith("BERTEmbedder"):
-        tcfg = TextEncoderConfig.from_compvis(cs_params)
-        cond_model = LDMBert(tcfg, dtype=dtype)
-        params["cond"] = _convert_text(cond_model, compvis.bert_embedder_to_diffusers(
-            _split_prefix(sd, "cond_stage_model.transformer.")))
-        tokenizer = _tokenizer_beside(ckpt, yaml_path)
+        cond_model = LDMBert(TextEncoderConfig.from_compvis(cs_params), dtype=dtype)
         task = "text2img"
     elif cs_target.endswith("SpatialRescaler"):
-        cond_model = SpatialRescaler(**{k: v for k, v in cs_params.items()}, dtype=dtype)
-        c_in = int(cs_params.get("in_channels", 3))
-        params["cond"] = convert_state_dict(
-            cond_sd, abstract_params(cond_model, jnp.zeros((1, 8, 8, c_in))), prefix="spatial rescaler")
+        cond_model = SpatialRescaler(**cs_params, dtype=dtype)
         task = "semantic"
     elif cs_target == "__is_first_stage__":
         task = "inpaint"
-    elif cs_target == "torch.nn.Identity" and key == "concat":
+    elif cs_target.endswith("Identity") and key == "concat":
         task = "superres"
     else:
         raise ValueError(f"unsupported cond_stage_config target '{cs_target}' (conditioning_key {key})")
-    if "scale_factor" in sd:
-        scale = float(np.asarray(sd["scale_factor"]))
-    else:
-        scale = float(p.get("scale_factor", 1.0))
     schedule = NoiseSchedule.from_config(p.get("beta_schedule", "linear"), int(p.get("timesteps", 1000)),
                                          float(p.get("linear_start", 1e-4)), float(p.get("linear_end", 2e-2)))
-    channels = int(p.get("channels", ucfg.out_channels))
     config = PipelineConfig(
-        task=task, scale_factor=scale, latent_channels=channels,
+        task=task, scale_factor=float(p.get("scale_factor", 1.0) if scale_factor is None else scale_factor),
+        latent_channels=int(p.get("channels", ucfg.out_channels)),
         latent_size=int(p.get("image_size", 32)), vae_scale=2 ** (len(ae.ch_mult) - 1),
         null_class=null_class, prediction_type=p.get("parameterization", "eps"))
-    return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer, schedule=schedule,
-                config=config, params=_as_device(params))
+    return dict(unet=UNet(ucfg, dtype=dtype), vae=vae, cond_model=cond_model, schedule=schedule,
+                config=config, cond_target=cs_target)
+
+
+def load_compvis(ckpt, yaml_path, dtype=jnp.float32, use_ema=True):
+    """A CompVis LatentDiffusion `.ckpt` with the YAML it was released with."""
+    p = _yaml(yaml_path)["model"]["params"]
+    sd = load_state_dict(ckpt)
+    if use_ema:
+        sd, _ = compvis.ema_weights(sd)
+    scale = float(np.asarray(sd["scale_factor"])) if "scale_factor" in sd else None
+    spec = build_ldm(p, dtype, scale)
+    unet, vae, cond_model = spec["unet"], spec["vae"], spec["cond_model"]
+    vae_sd = compvis.autoencoder_to_diffusers(
+        {k: v for k, v in _split_prefix(sd, "first_stage_model.").items() if not k.startswith("loss.")},
+        len(vae.config.ch_mult))
+    ucfg = unet.config
+    unet_sd = compvis.unet_to_diffusers(
+        _split_prefix(sd, "model.diffusion_model."), ucfg.num_res_blocks, len(ucfg.channel_mult),
+        lambda ch: ucfg.heads_at(0, ch)[0])
+    params = {"vae": _convert_vae(vae, vae_sd), "unet": _convert_unet(unet, unet_sd)}
+    tokenizer = None
+    if isinstance(cond_model, LDMBert):
+        params["cond"] = _convert_text(cond_model, compvis.bert_embedder_to_diffusers(
+            _split_prefix(sd, "cond_stage_model.transformer.")))
+        tokenizer = _tokenizer_beside(ckpt, yaml_path)
+    elif cond_model is not None:
+        params["cond"] = convert_state_dict(_split_prefix(sd, "cond_stage_model."),
+                                            abstract_params(cond_model, *cond_example(cond_model)),
+                                            prefix="conditioning model")
+    return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer, schedule=spec["schedule"],
+                config=spec["config"], params=_as_device(params))
+
+
+def cond_example(cond_model):
+    """Example inputs of a conditioning model (for shape-only initialisation)."""
+    if isinstance(cond_model, ClassEmbedder):
+        return (jnp.zeros((1,), jnp.int32),)
+    if isinstance(cond_model, LDMBert):
+        return (jnp.zeros((1, cond_model.config.max_length), jnp.int32),)
+    side = 2 ** (cond_model.n_stages + 2)
+    return (jnp.zeros((1, side, side, cond_model.in_channels)),)
 
 
 def _tokenizer_beside(*paths):
