@@ -34,6 +34,8 @@ _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "
 def load(path, config=None, dtype=jnp.float32, use_ema=True):
     """Dispatch on what `path` is; see the module docstring."""
     if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "pipeline", OWN_CONFIG)):  # a training run's workdir
+            path = os.path.join(path, "pipeline")
         if os.path.exists(os.path.join(path, OWN_CONFIG)):
             return load_own(path, dtype, use_ema)
         if os.path.exists(os.path.join(path, "model_index.json")):
@@ -247,6 +249,23 @@ def load_compvis(ckpt, yaml_path, dtype=jnp.float32, use_ema=True):
                                             prefix="conditioning model")
     return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer, schedule=spec["schedule"],
                 config=spec["config"], params=_as_device(params))
+
+
+def load_first_stage(path, vae):
+    """First-stage weights for LDM training: our autoencoder run (its `autoencoder/params`), a
+    CompVis first-stage `.ckpt` (encoder.*, decoder.*, quant convs), or a diffusers vqvae/vae folder."""
+    import orbax.checkpoint as ocp
+
+    own = os.path.join(path, "autoencoder", "params")
+    if os.path.isdir(own):
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(os.path.abspath(own))
+    if os.path.isdir(path):
+        return _convert_vae(vae, _component_state_dict(path))
+    sd = load_state_dict(path)
+    sd = _split_prefix(sd, "first_stage_model.") or sd
+    sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    return _convert_vae(vae, compvis.autoencoder_to_diffusers(sd, len(vae.config.ch_mult)))
 
 
 def cond_example(cond_model):

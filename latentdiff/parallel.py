@@ -1,0 +1,70 @@
+"""Mesh, shardings and host-to-device batches: the same code on 1 CPU, fake CPU devices, GPUs, pods.
+
+Mesh axes are ('data', 'fsdp'). The batch is split over both; parameters, EMA and optimizer state
+are sharded over 'fsdp' along their largest dimension that divides (FSDP / ZeRO-3 through GSPMD),
+small ones replicated.
+"""
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data=-1, fsdp=1, devices=None):
+    """A ('data', 'fsdp') mesh; one of the two sizes may be -1 (= all remaining devices)."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    n = devices.size
+    if data == -1 and fsdp == -1:
+        raise ValueError("at most one of mesh.data and mesh.fsdp may be -1")
+    data = n // fsdp if data == -1 else data
+    fsdp = n // data if fsdp == -1 else fsdp
+    if data * fsdp != n:
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not use the {n} devices")
+    return Mesh(devices.reshape(data, fsdp), BATCH_AXES)
+
+
+def check_batch(global_batch, mesh, accumulate=1):
+    """Refuse, before compiling, a batch that the devices (and accumulation steps) do not divide."""
+    n = mesh.size * accumulate
+    if global_batch % n:
+        raise ValueError(f"the global batch of {global_batch} is not divisible by {mesh.size} devices"
+                         + (f" x {accumulate} accumulation steps" if accumulate > 1 else "")
+                         + f"; use a multiple of {n}")
+    if global_batch % jax.process_count():
+        raise ValueError(f"the global batch of {global_batch} is not divisible by "
+                         f"{jax.process_count()} processes")
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape, fsdp_size, min_size):
+    """Shard the largest dimension divisible by the fsdp size; replicate small arrays."""
+    if fsdp_size == 1 or int(np.prod(shape)) < min_size:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp_size == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def tree_shardings(tree, mesh, min_size=2 ** 16):
+    """NamedShardings for every array of `tree` (arrays or ShapeDtypeStructs) by `fsdp_spec`."""
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree_util.tree_map(
+        lambda a: NamedSharding(mesh, fsdp_spec(tuple(getattr(a, "shape", ())), fsdp, min_size)), tree)
+
+
+def to_global(batch, mesh):
+    """Host-local numpy batch (this process's share) -> global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)

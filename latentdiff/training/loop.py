@@ -1,0 +1,274 @@
+"""`train_and_evaluate(config, workdir)`: the LDM stage's loop (the autoencoder stage has its own).
+
+Builds the mesh, models and sharded state (`jax.jit(init, out_shardings=...)`), restores the newest
+checkpoint of `workdir` (state, data position), then runs the jitted, donated train step with
+double-buffered metrics, periodic async checkpoints, sample grids, and a SIGTERM save.
+"""
+import dataclasses
+import json
+import os
+import signal
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from latentdiff import parallel
+from latentdiff.checkpoint import Checkpointer
+from latentdiff.convert import loaders
+from latentdiff.data import make_dataset
+from latentdiff.training import ldm_step
+from latentdiff.training.state import TrainState, make_optimizer
+
+DATA_KEYS = {"folder": ("root", "captions", "labels_from_dirs"), "array_record": ("path",),
+             "tfds": ("name", "split", "data_dir")}
+COMMON_DATA_KEYS = ("size", "random_crop", "random_flip", "batch_size", "num_workers")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf: the run stopped and the last checkpoint is the last good state."""
+
+
+def compvis_params(model):
+    """config.model (ConfigDict) -> the CompVis `model.params` layout that `build_ldm` reads."""
+    p = model.to_dict()
+    unet = dict(p["unet_config"]["params"])
+    if not unet.get("context_dim"):
+        unet.pop("context_dim", None)
+    p["unet_config"] = {"params": unet}
+    p["conditioning_key"] = p["conditioning_key"] or None
+    return p
+
+
+def data_config(data):
+    d = data.to_dict()
+    if d["source"] not in DATA_KEYS:
+        raise ValueError(f"unknown data.source '{d['source']}'; one of {sorted(DATA_KEYS)}")
+    keep = {k: d[k] for k in DATA_KEYS[d["source"]] + COMMON_DATA_KEYS if d.get(k) not in ("", None)}
+    return {"source": d["source"], **keep}
+
+
+def _first_stage_params(config, vae, dtype):
+    path = config.model.first_stage_config.checkpoint
+    if not path:
+        warnings.warn("model.first_stage_config.checkpoint is empty: the first stage is randomly "
+                      "initialised (fine for tests, meaningless for real training)")
+        x = jnp.zeros((1, 2 ** len(vae.config.ch_mult), 2 ** len(vae.config.ch_mult), vae.config.in_channels))
+        return jax.jit(vae.init)(jax.random.key(1), x)["params"]
+    return loaders.load_first_stage(path, vae)
+
+
+def _init_fn(spec, task, tx, config):
+    """A function rng -> TrainState (UNet, trainable conditioning model, EMA, optimizer state)."""
+    unet, cond = spec["unet"], spec["cond_model"]
+    latent = config.model.image_size
+
+    def init(rng):
+        k_unet, k_cond = jax.random.split(rng)
+        x, t, ctx, y = loaders.unet_example(unet, latent)
+        params = {"unet": unet.init(k_unet, x, t, ctx, y)["params"]}
+        if cond is not None and task.cond_trainable:
+            params["cond"] = cond.init(k_cond, *loaders.cond_example(cond))["params"]
+        ema = params["unet"] if task.use_ema else {}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=ema,
+                          opt_state=tx.init(params),
+                          scale_factor=jnp.asarray(config.model.scale_factor, jnp.float32))
+
+    return init
+
+
+def _host_batch(batch, tokenizer, max_length):
+    """Drop host-only keys; tokenise captions."""
+    out = {k: v for k, v in batch.items() if k not in ("caption", "index")}
+    if tokenizer is not None:
+        out["tokens"] = tokenizer.encode([str(c) for c in batch["caption"]], max_length=max_length)
+    return out
+
+
+class _Stop:
+    """SIGTERM -> save at the next step boundary and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, *_):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def train_ldm(config, workdir):
+    """Train the LDM stage of `config` in `workdir` (resuming from its newest checkpoint)."""
+    os.makedirs(workdir, exist_ok=True)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.train.dtype]
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    parallel.check_batch(config.data.batch_size, mesh, config.optim.accumulate)
+    spec = loaders.build_ldm(compvis_params(config.model), dtype)
+    pconf = spec["config"]
+    cs = config.model.cond_stage_config
+    tokenizer = None
+    if pconf.task == "text2img":
+        from latentdiff.models.tokenizer import BertTokenizer
+
+        if not cs.vocab:
+            raise ValueError("a text-conditioned LDM needs model.cond_stage_config.vocab: a BERT "
+                             "WordPiece vocab.txt (e.g. bert-base-uncased's)")
+        tokenizer = BertTokenizer(cs.vocab)
+    max_length = getattr(getattr(spec["cond_model"], "config", None), "max_length", 77)
+    null_class = pconf.null_class
+    if pconf.task == "class2img" and config.model.cond_drop_prob > 0 and null_class is None:
+        null_class = spec["cond_model"].n_classes - 1
+    task = ldm_step.LDMTask(
+        unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"], task=pconf.task,
+        alphas_cumprod=spec["schedule"].alphas_cumprod, parameterization=config.model.parameterization,
+        loss_type=config.model.loss_type, cond_trainable=bool(cs.trainable),
+        cond_drop_prob=float(config.model.cond_drop_prob), null_class=null_class,
+        null_tokens=None if tokenizer is None else ldm_step.null_tokens_for(tokenizer, max_length),
+        ema_max_decay=config.train.ema_max_decay, use_ema=bool(config.train.ema))
+    tx = make_optimizer(config.optim, config.train.steps)
+    rng = jax.random.key(config.seed)
+
+    # frozen parts: first stage, and the conditioning model when it is not trained
+    frozen = {"vae": _first_stage_params(config, spec["vae"], dtype)}
+    if spec["cond_model"] is not None and not task.cond_trainable:
+        frozen["cond"] = spec["cond_model"].init(jax.random.key(2), *loaders.cond_example(spec["cond_model"]))["params"]
+    frozen = jax.device_put(frozen, parallel.replicated(mesh))
+
+    init = _init_fn(spec, task, tx, config)
+    abstract = jax.eval_shape(init, rng)
+    state_sharding = parallel.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    state = jax.jit(init, out_shardings=state_sharding)(rng)
+
+    loader = make_dataset(data_config(config.data), jax.process_index(), jax.process_count(), config.seed)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep)
+    restored = ckpt.restore(jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding))
+    if restored is not None:
+        state, data_state, step0 = restored
+        loader.set_state(data_state)
+        print(f"resumed from step {step0} in {workdir}")
+    elif config.model.scale_by_std:
+        first = loader.get_state()
+        batch = parallel.to_global(_host_batch(next(loader), None, 0), mesh)
+        loader.set_state(first)  # training starts with the same batch
+        scale = jax.jit(lambda v, x: ldm_step.latent_std(task, v, x, jax.random.key(3)))(frozen["vae"], batch["image"])
+        state = state.replace(scale_factor=scale)
+        print(f"scale_factor set from the first batch: {float(scale):.5f}")
+
+    step_fn = jax.jit(
+        lambda s, f, b, r: ldm_step.train_step(task, tx, config.optim.accumulate, s, f, b, r),
+        in_shardings=(state_sharding, parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
+        out_shardings=(state_sharding, None), donate_argnums=(0,))
+    return _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, tokenizer, max_length,
+                spec, task)
+
+
+def _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, tokenizer, max_length, spec, task):
+    from latentdiff.training.logging import MetricWriter, progress
+
+    total = config.train.steps
+    start = int(jax.device_get(state.step))
+    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    stop = _Stop()
+    pending = None  # (step, metrics) of the previous step: read while the next one runs
+    bar = progress(start, total, enabled=jax.process_index() == 0)
+    t0, imgs = time.perf_counter(), 0
+    step = start
+    try:
+        while step < total:
+            batch = parallel.to_global(_host_batch(next(loader), tokenizer, max_length), mesh)
+            state, metrics = step_fn(state, frozen, batch, rng)
+            step += 1
+            imgs += config.data.batch_size
+            if pending is not None:
+                _check(pending, ckpt)
+                if pending[0] % config.train.log_every == 0 or pending[0] == total:
+                    rate = imgs / (time.perf_counter() - t0)
+                    writer.write(pending[0], {k: float(v) for k, v in pending[1].items() if k != "finite"}
+                                 | {"img_per_s": rate})
+                    bar.set(pending[0], float(pending[1]["loss"]), rate)
+            pending = (step, metrics)
+            if step % config.train.ckpt_every == 0 or step == total or stop.requested:
+                _check(pending, ckpt)
+                ckpt.save(step, state, loader.get_state(), {"skipped_images": loader.skipped})
+            if config.train.sample_every and step % config.train.sample_every == 0 and jax.process_index() == 0:
+                write_samples(config, workdir, spec, state, frozen, tokenizer, step)
+            if stop.requested:
+                print(f"SIGTERM: saved step {step}, exiting")
+                break
+        if pending is not None:
+            _check(pending, ckpt)
+            rate = imgs / max(time.perf_counter() - t0, 1e-9)
+            writer.write(pending[0], {k: float(v) for k, v in pending[1].items() if k != "finite"}
+                         | {"img_per_s": rate})
+            bar.set(pending[0], float(pending[1]["loss"]), rate)
+    finally:
+        ckpt.wait()
+        bar.close()
+        stop.restore()
+        writer.close()
+    if step == total:
+        export_pipeline(workdir, spec, state, frozen, tokenizer)
+    summary = {"steps": step, "skipped_images": loader.skipped,
+               "final_loss": float(pending[1]["loss"]) if pending else None}
+    if jax.process_index() == 0:
+        print("summary:", json.dumps(summary))
+    return state, summary
+
+
+def _check(pending, ckpt):
+    step, metrics = pending
+    if not bool(jax.device_get(metrics["finite"])):
+        ckpt.wait()
+        last = ckpt.latest_step()
+        raise NonFiniteLossError(f"the loss became {float(metrics['loss'])} at step {step}; the run stopped. "
+                                 f"The last good checkpoint is step {last}.")
+
+
+def pipeline_of(spec, state, frozen, tokenizer, use_ema=True):
+    """A LatentDiffusionPipeline over the current (EMA) weights, for samples and export."""
+    from latentdiff.pipeline import LatentDiffusionPipeline
+
+    unet_params = state.ema if (use_ema and state.ema) else state.params["unet"]
+    params = {"unet": unet_params, "vae": frozen["vae"]}
+    if "cond" in state.params:
+        params["cond"] = state.params["cond"]
+    elif "cond" in frozen:
+        params["cond"] = frozen["cond"]
+    config = dataclasses.replace(spec["config"], scale_factor=float(jax.device_get(state.scale_factor)))
+    unet = spec["unet"].clone(dtype=jnp.float32)
+    return LatentDiffusionPipeline(unet=unet, vae=spec["vae"].clone(dtype=jnp.float32),
+                                   cond_model=None if spec["cond_model"] is None else spec["cond_model"].clone(dtype=jnp.float32),
+                                   tokenizer=tokenizer, schedule=spec["schedule"], config=config,
+                                   params=jax.device_get(params))
+
+
+def write_samples(config, workdir, spec, state, frozen, tokenizer, step):
+    """A PNG grid of samples from the EMA weights."""
+    from latentdiff.training.logging import save_grid
+
+    pipe = pipeline_of(spec, state, frozen, tokenizer)
+    task = spec["config"].task
+    kw = dict(rng=jax.random.key(step), num_inference_steps=config.train.sample_steps,
+              guidance_scale=config.train.guidance_scale)
+    if task == "text2img":
+        images = pipe(list(config.train.sample_prompts), **kw)
+    elif task == "class2img":
+        images = pipe(class_labels=list(config.train.sample_labels), **kw)
+    elif task == "uncond":
+        images = pipe(num_samples=config.train.num_sample, **kw)
+    else:
+        return None
+    path = os.path.join(workdir, "samples", f"step_{step:08d}.png")
+    save_grid(images, path)
+    return path
+
+
+def export_pipeline(workdir, spec, state, frozen, tokenizer):
+    """Write the trained model (EMA weights) in the format `from_pretrained(workdir)` reads."""
+    if jax.process_index() == 0:
+        pipeline_of(spec, state, frozen, tokenizer).save_pretrained(os.path.join(workdir, "pipeline"))

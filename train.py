@@ -1,0 +1,33 @@
+"""Train an autoencoder or an LDM: `python train.py --config=configs/<name>.py --workdir=DIR`.
+
+Any config key can be overridden: `--config.optim.lr=1e-4`; an unknown key is an error that lists
+the valid ones. Running again with the same --workdir resumes from its newest checkpoint.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = "configs/tiny_ldm.py"  # the built-in demo replaces this (issue 4)
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (get_config()).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    from latentdiff.training import train_and_evaluate
+
+    workdir = FLAGS.workdir or f"workdir/{FLAGS.config.get('name', FLAGS.config.stage)}"
+    train_and_evaluate(FLAGS.config, workdir)
+
+
+if __name__ == "__main__":
+    from latentdiff.config_overrides import check_argv
+
+    check_argv(sys.argv, DEFAULT_CONFIG)
+    try:
+        app.run(main)
+    except KeyboardInterrupt:
+        sys.exit(130)
