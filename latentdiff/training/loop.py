@@ -121,7 +121,8 @@ def train_ldm(config, workdir):
     max_length = getattr(getattr(spec["cond_model"], "config", None), "max_length", 77)
     null_class = pconf.null_class
     if pconf.task == "class2img" and config.model.cond_drop_prob > 0 and null_class is None:
-        null_class = spec["cond_model"].n_classes - 1
+        null_class = spec["cond_model"].n_classes - 1  # the last class is the null label
+        spec["config"] = dataclasses.replace(pconf, null_class=null_class)
     task = ldm_step.LDMTask(
         unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"], task=pconf.task,
         alphas_cumprod=spec["schedule"].alphas_cumprod, parameterization=config.model.parameterization,

@@ -1,0 +1,47 @@
+"""Helpers for end-to-end training tests: small image folders and running train.py."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def image_folder(path, classes=("red", "green", "blue"), per_class=8, size=20, seed=0):
+    """Class sub-folders of simple coloured images with a darker random block."""
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(path, name), exist_ok=True)
+        for i in range(per_class):
+            a = np.full((size, size, 3), 30, np.uint8)
+            a[..., c % 3] = 220
+            y, x = rng.randint(0, size // 2, 2)
+            a[y:y + size // 2, x:x + size // 2] //= 3
+            Image.fromarray(a).save(os.path.join(path, name, f"{i}.png"))
+    return path
+
+
+def train(config, workdir, *overrides, devices=None, check=True, **popen):
+    """Run `python train.py` in a subprocess; returns the CompletedProcess (or Popen with wait=False)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, config)}",
+           f"--workdir={workdir}", *overrides]
+    if popen.pop("background", False):
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if check and out.returncode != 0:
+        raise AssertionError(f"train.py failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+def metrics(workdir):
+    """{step: loss} from metrics.jsonl (the last entry of a step wins, as after a resume)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows}
