@@ -72,3 +72,13 @@ def test_indivisible_batch_is_refused_before_compiling(data, tmp_path):
                 "--config.mesh.data=4", devices=4, check=False)
     assert out.returncode != 0
     assert "not divisible by 4 devices" in out.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    wd = str(tmp_path / "nan")
+    out = train(CONFIG, wd, f"--config.data.root={data}", "--config.optim.lr=1e30",
+                "--config.train.ckpt_every=1", "--config.train.steps=6", check=False)
+    assert out.returncode != 0
+    assert "NonFiniteLossError" in out.stderr and "at step 2" in out.stderr, out.stderr[-2000:]
+    assert "last good checkpoint is step 1" in out.stderr
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1"]
