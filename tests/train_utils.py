@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 
@@ -27,7 +28,11 @@ def image_folder(path, classes=("red", "green", "blue"), per_class=8, size=20, s
 
 def train(config, workdir, *overrides, devices=None, check=True, **popen):
     """Run `python train.py` in a subprocess; returns the CompletedProcess (or Popen with wait=False)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    # Tiny models: compile time dominates, so skip most XLA optimisations and share a compilation
+    # cache between the runs of a test (results stay exact: every run of a test uses the same setting).
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+               JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "latentdiff-test-jax-cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, config)}",
