@@ -21,11 +21,14 @@ setup(
         "safetensors",
         "pyyaml",
         "tqdm",
+        "absl-py",
     ],
     extras_require={
         "cuda": ["jax[cuda12]"],
         "torch": ["torch"],
-        "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
-        "test": ["pytest", "torch", "diffusers", "transformers"],
+        "tfds": ["tensorflow-datasets"],  # reading prepared datasets; preparing some needs tensorflow-cpu
+        "grain": ["grain"],  # ArrayRecord data
+        "tensorboard": ["tensorboardX"],
+        "test": ["pytest", "torch", "diffusers", "transformers", "grain"],
     },
 )
