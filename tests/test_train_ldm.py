@@ -82,3 +82,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     assert "NonFiniteLossError" in out.stderr and "at step 2" in out.stderr, out.stderr[-2000:]
     assert "last good checkpoint is step 1" in out.stderr
     assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1"]
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(data, tmp_path):
+    import shutil
+
+    wd = str(tmp_path / "corrupt")
+    steps = [f"--config.data.root={data}", "--config.train.ckpt_every=2"]
+    train(CONFIG, wd, *steps, "--config.train.steps=4")
+    state_dir = os.path.join(wd, "checkpoints", "4", "state")
+    shutil.rmtree(state_dir)
+    os.makedirs(state_dir)
+    out = train(CONFIG, wd, *steps, "--config.train.steps=6")
+    assert "checkpoint at step 4" in out.stderr and "trying the previous one" in out.stderr
+    assert "resumed from step 2" in out.stdout
