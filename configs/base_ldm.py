@@ -28,14 +28,16 @@ def get_config():
             checkpoint="",  # our autoencoder run dir, or a CompVis/diffusers checkpoint
             params=dict(embed_dim=4, n_embed=0, ddconfig=dict(
                 double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
-                ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), dropout=0.0))),
+                ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), dropout=0.0,
+                attn_type="vanilla"))),  # attn_type 'none': no mid-block attention (vq-f4-noattn)
         cond_stage_config=dict(target="__is_unconditional__", trainable=True, vocab="",
                                params=dict()),
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="folder",  # 'folder' (root, captions, labels_from_dirs), 'array_record' (path), 'tfds'
         root="", captions="", labels_from_dirs=True, path="", name="", split="train", data_dir="",
-        size=256, random_crop=False, random_flip=True, batch_size=64, num_workers=4))
+        size=256, random_crop=False, random_flip=True, batch_size=64, num_workers=4,
+        cache_latents=False))  # LDM stage: encode the data once, train from cached first-stage moments
     c.optim = ml_collections.ConfigDict(dict(
         lr=2e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, schedule="constant",
         grad_clip=0.0, accumulate=1))

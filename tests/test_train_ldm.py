@@ -96,3 +96,14 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning(data, tmp_path):
     out = train(CONFIG, wd, *steps, "--config.train.steps=6")
     assert "checkpoint at step 4" in out.stderr and "trying the previous one" in out.stderr
     assert "resumed from step 2" in out.stdout
+
+
+def test_cached_latents_train_and_resume(data, tmp_path):
+    wd = str(tmp_path / "cached")
+    common = [f"--config.data.root={data}", "--config.data.cache_latents=True", "--config.train.ckpt_every=2",
+              "--config.optim.accumulate=2"]
+    out = train(CONFIG, wd, *common, "--config.train.steps=2")
+    assert "cached 24 latents" in out.stdout
+    out = train(CONFIG, wd, *common, "--config.train.steps=4")
+    assert "resumed from step 2" in out.stdout and "cached 24" not in out.stdout
+    assert sorted(metrics(wd)) == [1, 2, 3, 4]

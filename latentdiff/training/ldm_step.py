@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiff.diffusion.objectives import diffusion_loss, training_target
-from latentdiff.models.autoencoder import VQModel
+from latentdiff.models.autoencoder import DiagonalGaussian, VQModel
 from latentdiff.training.state import TrainState, ema_update
 
 
@@ -39,6 +39,23 @@ class LDMTask:
         return id(self)
 
 
+def first_stage_moments(task, vae_params, images):
+    """What the latent cache stores: KL posterior moments (mean ‖ logvar) or VQ pre-quant latents."""
+    out = task.vae.apply({"params": vae_params}, images, method="encode")
+    if isinstance(task.vae, VQModel):
+        return out.astype(jnp.float32)
+    return jnp.concatenate([out.mean, out.logvar], axis=-1)
+
+
+def batch_latents(task, vae_params, batch, rng):
+    """Unscaled latents of a batch: from cached moments (sampled anew each time) or from images."""
+    if "moments" not in batch:
+        return encode_latents(task, vae_params, batch["image"], rng)
+    if isinstance(task.vae, VQModel):
+        return batch["moments"]
+    return DiagonalGaussian.from_moments(batch["moments"]).sample(rng)
+
+
 def encode_latents(task, vae_params, images, rng):
     """First-stage latents of [-1, 1] images (unscaled)."""
     if isinstance(task.vae, VQModel):
@@ -53,7 +70,7 @@ def _dropped(rng, batch, p):
 
 def conditioning(task, cond_params, vae_params, batch, rng, train=True):
     """-> (context for cross-attention or None, channels to concatenate or None)."""
-    b = batch["image"].shape[0]
+    b = jax.tree_util.tree_leaves(batch)[0].shape[0]
     k_drop, k_mask, k_enc = jax.random.split(rng, 3)
     p = task.cond_drop_prob if train else 0.0
     if task.task == "class2img":
@@ -104,7 +121,7 @@ def random_box_masks(rng, shape):
 def loss_fn(task, params, frozen, batch, rng, scale_factor):
     """The paper's simple loss: mean over the batch of the per-image mean l2 / l1 error."""
     k_lat, k_cond, k_t, k_noise = jax.random.split(rng, 4)
-    z0 = encode_latents(task, frozen["vae"], batch["image"], k_lat) * scale_factor
+    z0 = batch_latents(task, frozen["vae"], batch, k_lat) * scale_factor
     cond_params = params.get("cond") if task.cond_trainable else frozen.get("cond")
     ctx, concat = conditioning(task, cond_params, frozen["vae"], batch, k_cond)
     b = z0.shape[0]
@@ -151,9 +168,9 @@ def train_step(task, tx, accumulate, state: TrainState, frozen, batch, base_rng)
     return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
-def latent_std(task, vae_params, images, rng):
+def latent_std(task, vae_params, batch, rng):
     """1 / std of the (unscaled) latents of a global batch: the paper's scale_by_std."""
-    z = encode_latents(task, vae_params, images, rng)
+    z = batch_latents(task, vae_params, batch, rng)
     return 1.0 / jnp.std(z)
 
 

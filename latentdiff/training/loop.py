@@ -79,6 +79,29 @@ def _init_fn(spec, task, tx, config):
     return init
 
 
+def latent_cache(workdir, config, task, frozen, loader, mesh):
+    """Encode this process's share of the data once (`workdir/latent_cache_<p>.npz`, reused on
+    resume) and return a loader over the cached moments; the posterior is still sampled each step."""
+    from latentdiff.data.cached import CachedLoader
+
+    if task.task not in ("uncond", "class2img", "text2img"):
+        raise ValueError(f"data.cache_latents supports unconditional, class and text models, not '{task.task}'")
+    path = os.path.join(workdir, f"latent_cache_{jax.process_index()}.npz")
+    if not os.path.exists(path):
+        full = make_dataset(dict(data_config(config.data), random_flip=False, random_crop=False),
+                            jax.process_index(), jax.process_count(), config.seed)
+        full.shuffle, full.num_epochs, full.drop_remainder = False, 1, False
+        encode = jax.jit(lambda v, x: ldm_step.first_stage_moments(task, v, x))
+        parts = {}
+        for batch in full:
+            moments = np.asarray(encode(frozen["vae"], batch.pop("image")))
+            for k, v in {**batch, "moments": moments}.items():
+                parts.setdefault(k, []).append(np.asarray(v))
+        np.savez(path, **{k: np.concatenate(v) for k, v in parts.items() if k != "index"})
+        print(f"cached {sum(len(m) for m in parts['moments'])} latents in {path}")
+    return CachedLoader(dict(np.load(path)), loader.batch_size, config.seed)
+
+
 def _host_batch(batch, tokenizer, max_length):
     """Drop host-only keys; tokenise captions."""
     out = {k: v for k, v in batch.items() if k not in ("caption", "index")}
@@ -145,6 +168,8 @@ def train_ldm(config, workdir):
     state = jax.jit(init, out_shardings=state_sharding)(rng)
 
     loader = make_dataset(data_config(config.data), jax.process_index(), jax.process_count(), config.seed)
+    if config.data.cache_latents:
+        loader = latent_cache(workdir, config, task, frozen, loader, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep)
     restored = ckpt.restore(jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding))
@@ -154,9 +179,9 @@ def train_ldm(config, workdir):
         print(f"resumed from step {step0} in {workdir}")
     elif config.model.scale_by_std:
         first = loader.get_state()
-        batch = parallel.to_global(_host_batch(next(loader), None, 0), mesh)
+        batch = parallel.to_global(_host_batch(next(loader), tokenizer, max_length), mesh)
         loader.set_state(first)  # training starts with the same batch
-        scale = jax.jit(lambda v, x: ldm_step.latent_std(task, v, x, jax.random.key(3)))(frozen["vae"], batch["image"])
+        scale = jax.jit(lambda v, b: ldm_step.latent_std(task, v, b, jax.random.key(3)))(frozen["vae"], batch)
         state = state.replace(scale_factor=scale)
         print(f"scale_factor set from the first batch: {float(scale):.5f}")
 
