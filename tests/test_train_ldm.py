@@ -107,3 +107,17 @@ def test_cached_latents_train_and_resume(data, tmp_path):
     out = train(CONFIG, wd, *common, "--config.train.steps=4")
     assert "resumed from step 2" in out.stdout and "cached 24" not in out.stdout
     assert sorted(metrics(wd)) == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_before_exiting(data, tmp_path):
+    wd = str(tmp_path / "term")
+    proc = train(CONFIG, wd, f"--config.data.root={data}", "--config.train.steps=1000",
+                 "--config.train.ckpt_every=1000", background=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (os.path.exists(os.path.join(wd, "metrics.jsonl")) and metrics(wd)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    saved = int(out.split("SIGTERM: saved step ")[1].split(",")[0])
+    assert os.listdir(os.path.join(wd, "checkpoints")) == [str(saved)]
