@@ -21,7 +21,7 @@ from latentdiff.losses import autoencoder_loss as L
 from latentdiff.losses.discriminator import NLayerDiscriminator
 from latentdiff.losses.lpips import LPIPS, load_lpips_params
 from latentdiff.models.autoencoder import AutoencoderConfig, VQModel, make_autoencoder
-from latentdiff.training.loop import NonFiniteLossError, _Stop, data_config
+from latentdiff.training.loop import NonFiniteLossError, _Stop, data_config, resume
 
 
 class AEState(flax.struct.PyTreeNode):
@@ -107,7 +107,7 @@ def make_step(ae, disc, lpips, loss_cfg, tx, disc_tx):
 
 def train_autoencoder(config, workdir):
     """Train the autoencoder of `config` in `workdir` (resuming from its newest checkpoint)."""
-    from latentdiff.training.logging import MetricWriter, progress, save_grid
+    from latentdiff.training.logging import MetricWriter, progress
 
     os.makedirs(workdir, exist_ok=True)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.train.dtype]
@@ -140,12 +140,8 @@ def train_autoencoder(config, workdir):
     lpips_params = jax.device_put(lpips_params, parallel.replicated(mesh))
     loader = make_dataset(data_config(config.data), jax.process_index(), jax.process_count(), config.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep)
-    restored = ckpt.restore(jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
-    if restored is not None:
-        state, data_state, step0 = restored
-        loader.set_state(data_state)
-        print(f"resumed from step {step0} in {workdir}")
+    restored = resume(ckpt, abstract, shardings, loader, workdir)
+    state = state if restored is None else restored
     step_fn = jax.jit(make_step(ae, disc, lpips, loss_cfg, tx, disc_tx),
                       in_shardings=(shardings, parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
                       out_shardings=(shardings, None), donate_argnums=(0,))

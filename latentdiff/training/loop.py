@@ -102,6 +102,19 @@ def latent_cache(workdir, config, task, frozen, loader, mesh):
     return CachedLoader(dict(np.load(path)), loader.batch_size, config.seed)
 
 
+def resume(ckpt, abstract, shardings, loader, workdir):
+    """Restore the newest checkpoint straight into its shardings and the loader's position;
+    None when the run is new."""
+    restored = ckpt.restore(jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
+    if restored is None:
+        return None
+    state, data_state, step = restored
+    loader.set_state(data_state)
+    print(f"resumed from step {step} in {workdir}")
+    return state
+
+
 def _host_batch(batch, tokenizer, max_length):
     """Drop host-only keys; tokenise captions."""
     out = {k: v for k, v in batch.items() if k not in ("caption", "index")}
@@ -171,12 +184,9 @@ def train_ldm(config, workdir):
     if config.data.cache_latents:
         loader = latent_cache(workdir, config, task, frozen, loader, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep)
-    restored = ckpt.restore(jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding))
+    restored = resume(ckpt, abstract, state_sharding, loader, workdir)
     if restored is not None:
-        state, data_state, step0 = restored
-        loader.set_state(data_state)
-        print(f"resumed from step {step0} in {workdir}")
+        state = restored
     elif config.model.scale_by_std:
         first = loader.get_state()
         batch = parallel.to_global(_host_batch(next(loader), tokenizer, max_length), mesh)
