@@ -184,7 +184,7 @@ def test_make_dataset(folder):
     assert loaders[0].batch_size == 2 and loaders[0].transform == Preprocess(SIZE, False, True)
     batches = [next(loader) for loader in loaders]
     assert batches[0]["image"].shape == (2, SIZE, SIZE, 3) and not set(batches[0]["index"]) & set(batches[1]["index"])
-    with pytest.raises(ValueError, match=r"unknown data source 'lmdb'.*'array_record', 'folder', 'tfds'"):
+    with pytest.raises(ValueError, match=r"unknown data source 'lmdb'.*'array_record', 'folder', 'shapes', 'tfds'"):
         make_dataset({**config, "source": "lmdb"})
     with pytest.raises(ValueError, match=r"unknown data config key\(s\) \['sise'\].*valid keys: .*'size'"):
         make_dataset({**config, "sise": 3})

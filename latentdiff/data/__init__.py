@@ -15,10 +15,11 @@ split evenly over the processes.
 import inspect
 
 from latentdiff.data.loader import Loader
+from latentdiff.data.shapes import ShapesSource
 from latentdiff.data.sources import ArrayRecordSource, ImageFolder, TFDSSource, prepare_array_record
 from latentdiff.data.transforms import Preprocess, decode_image, example_rng
 
-SOURCES = {"folder": ImageFolder, "array_record": ArrayRecordSource, "tfds": TFDSSource}
+SOURCES = {"folder": ImageFolder, "array_record": ArrayRecordSource, "tfds": TFDSSource, "shapes": ShapesSource}
 
 __all__ = ["SOURCES", "ArrayRecordSource", "ImageFolder", "Loader", "Preprocess", "TFDSSource",
            "decode_image", "example_rng", "make_dataset", "prepare_array_record"]
