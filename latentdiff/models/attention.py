@@ -7,6 +7,8 @@ bf16/fp16 and the head size allows it, XLA otherwise (softmax in float32 either 
 import jax
 import jax.numpy as jnp
 
+from latentdiff.models.layers import dense
+
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 256
 
@@ -44,3 +46,17 @@ def merge_heads(x):
     """(B, T, heads, D) -> (B, T, heads*D)."""
     b, t, h, d = x.shape
     return x.reshape(b, t, h * d)
+
+
+def multihead(x, context, heads, head_dim, *, names=("to_q", "to_k", "to_v", "to_out_0"),
+              qkv_bias=False, zero_out=False, dtype, param_dtype):
+    """q/k/v projections -> `attention` -> output projection, created in the calling module.
+
+    `context` None means self-attention; `names` are the four Dense layers' parameter names.
+    """
+    ctx = x if context is None else context
+    inner = heads * head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    q, k, v = (dense(inner, use_bias=qkv_bias, name=n, **kw)(src) for n, src in zip(names, (x, ctx, ctx)))
+    o = attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), scale=head_dim ** -0.5)
+    return dense(x.shape[-1], name=names[3], zero_init=zero_out, **kw)(merge_heads(o))

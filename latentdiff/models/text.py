@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latentdiff.models.attention import attention, merge_heads, split_heads
+from latentdiff.models.attention import multihead
 from latentdiff.models.layers import LayerNorm, dense
 
 Dtype = Any
@@ -70,12 +70,8 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        inner = self.heads * self.head_dim
-        q, k, v = (split_heads(dense(inner, use_bias=False, name=f"{n}_proj", **kw)(x), self.heads)
-                   for n in "qkv")
-        out = merge_heads(attention(q, k, v, scale=self.head_dim ** -0.5))
-        return dense(x.shape[-1], name="out_proj", **kw)(out)
+        return multihead(x, None, self.heads, self.head_dim, names=("q_proj", "k_proj", "v_proj", "out_proj"),
+                         dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 class LDMBertLayer(nn.Module):

@@ -12,7 +12,7 @@ from typing import Any, Optional, Tuple, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from latentdiff.models.attention import attention, merge_heads, split_heads
+from latentdiff.models.attention import multihead
 from latentdiff.models.layers import (GroupNorm, LayerNorm, avg_pool2, conv, dense,
                                       timestep_embedding, upsample_nearest)
 
@@ -373,18 +373,6 @@ def _diffusers_unet2d_kwargs(c):
 # Blocks
 # --------------------------------------------------------------------------------------------
 
-def _multihead(x, context, heads, head_dim, *, qkv_bias, zero_out, dtype, param_dtype):
-    """to_q/to_k/to_v -> softmax attention -> to_out_0, created in the calling module."""
-    ctx = x if context is None else context
-    inner = heads * head_dim
-    kw = dict(dtype=dtype, param_dtype=param_dtype)
-    q = dense(inner, use_bias=qkv_bias, name="to_q", **kw)(x)
-    k = dense(inner, use_bias=qkv_bias, name="to_k", **kw)(ctx)
-    v = dense(inner, use_bias=qkv_bias, name="to_v", **kw)(ctx)
-    o = attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
-    return dense(x.shape[-1], name="to_out_0", zero_init=zero_out, **kw)(merge_heads(o))
-
-
 class ResBlock(nn.Module):
     """openaimodel ResBlock (diffusers ResnetBlock2D), optionally resampling ('up'/'down')."""
 
@@ -435,8 +423,8 @@ class AttentionBlock(nn.Module):
         b, hh, ww, c = x.shape
         h = GroupNorm(self.norm_num_groups, self.norm_eps, self.dtype, self.param_dtype,
                       name="group_norm")(x).reshape(b, hh * ww, c)
-        h = _multihead(h, None, self.heads, self.head_dim, qkv_bias=True, zero_out=True,
-                       dtype=self.dtype, param_dtype=self.param_dtype)
+        h = multihead(h, None, self.heads, self.head_dim, qkv_bias=True, zero_out=True,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
         return x + h.reshape(x.shape)
 
 
@@ -450,8 +438,8 @@ class CrossAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, context=None):
-        return _multihead(x, context, self.heads, self.head_dim, qkv_bias=False, zero_out=False,
-                          dtype=self.dtype, param_dtype=self.param_dtype)
+        return multihead(x, context, self.heads, self.head_dim, qkv_bias=False, zero_out=False,
+                         dtype=self.dtype, param_dtype=self.param_dtype)
 
 
 class GEGLU(nn.Module):
