@@ -13,6 +13,7 @@ import numpy as np
 
 from latentdiff.diffusion import samplers
 from latentdiff.diffusion.schedules import NoiseSchedule
+from latentdiff.models.autoencoder import first_stage_latents
 
 TASKS = ("text2img", "class2img", "uncond", "superres", "inpaint", "semantic")
 
@@ -181,8 +182,7 @@ class LatentDiffusionPipeline:
                 return None, cond_model.apply({"params": params["cond"]}, c)
             if cfg.task == "inpaint":  # as scripts/inpaint.py: hole = -1 in the image, mask in {-1, 1}
                 img, m = c
-                masked = vae.apply({"params": params["vae"]}, (1.0 - m) * (img + 1.0) - 1.0,
-                                   method="encode")
+                masked = first_stage_latents(vae, params["vae"], (1.0 - m) * (img + 1.0) - 1.0)
                 small = _resize_nearest(2.0 * m - 1.0, masked.shape[1:3])
                 return None, jnp.concatenate([masked, small], axis=-1)
             return None, None

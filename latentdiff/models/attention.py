@@ -13,10 +13,9 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 256
 
 
-def _cudnn_ok(q, k):
+def _cudnn_ok(q):
     return (jax.default_backend() == "gpu" and q.dtype in _CUDNN_DTYPES
-            and q.shape[-1] <= _CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0
-            and k.shape[1] >= 1)
+            and q.shape[-1] <= _CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0)
 
 
 def attention(q, k, v, scale=None, implementation=None):
@@ -27,7 +26,7 @@ def attention(q, k, v, scale=None, implementation=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if implementation is None:
-        implementation = "cudnn" if _cudnn_ok(q, k) else "xla"
+        implementation = "cudnn" if _cudnn_ok(q) else "xla"
     if implementation == "cudnn":
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")

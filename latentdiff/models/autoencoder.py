@@ -454,3 +454,12 @@ def make_autoencoder(config, dtype=jnp.float32, param_dtype=jnp.float32):
     """The AutoencoderKL or VQModel that `config.kind` names."""
     cls = AutoencoderKL if config.kind == "kl" else VQModel
     return cls(config, dtype=dtype, param_dtype=param_dtype)
+
+
+def first_stage_latents(vae, params, images, rng=None):
+    """Unscaled LDM latents of [-1, 1] images: VQ pre-quantisation latents, or for KL a posterior
+    sample (with `rng`) or its mode (without)."""
+    out = vae.apply({"params": params}, images, method="encode")
+    if isinstance(out, DiagonalGaussian):
+        return out.mode() if rng is None else out.sample(rng)
+    return out.astype(jnp.float32)

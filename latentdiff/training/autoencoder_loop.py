@@ -20,7 +20,7 @@ from latentdiff.data import make_dataset
 from latentdiff.losses import autoencoder_loss as L
 from latentdiff.losses.discriminator import NLayerDiscriminator
 from latentdiff.losses.lpips import LPIPS, load_lpips_params
-from latentdiff.models.autoencoder import AutoencoderConfig, VQModel, make_autoencoder
+from latentdiff.models.autoencoder import AutoencoderConfig, VQModel, first_stage_latents, make_autoencoder
 from latentdiff.training.loop import NonFiniteLossError, _Stop, data_config, resume
 
 
@@ -190,10 +190,9 @@ def save_reconstructions(ae, params, x, path):
     from latentdiff.training.logging import save_grid
 
     x = jax.device_get(x)[:8]
-    x_rec = ae.clone(dtype=jnp.float32).apply({"params": jax.device_get(params)}, jnp.asarray(x),
-                                              method="encode")
-    x_rec = ae.clone(dtype=jnp.float32).apply(
-        {"params": jax.device_get(params)}, x_rec.mode() if hasattr(x_rec, "mode") else x_rec, method="decode")
+    ae32, params = ae.clone(dtype=jnp.float32), jax.device_get(params)
+    z = first_stage_latents(ae32, params, jnp.asarray(x))
+    x_rec = ae32.apply({"params": params}, z, method="decode")
     both = np.concatenate([np.asarray(x), np.asarray(x_rec)])
     save_grid(np.round((np.clip(both, -1, 1) + 1) * 127.5).astype(np.uint8), path, cols=len(x))
 

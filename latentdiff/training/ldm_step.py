@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiff.diffusion.objectives import diffusion_loss, training_target
-from latentdiff.models.autoencoder import DiagonalGaussian, VQModel
+from latentdiff.models.autoencoder import DiagonalGaussian, VQModel, first_stage_latents
 from latentdiff.training.state import TrainState, ema_update
 
 
@@ -57,11 +57,8 @@ def batch_latents(task, vae_params, batch, rng):
 
 
 def encode_latents(task, vae_params, images, rng):
-    """First-stage latents of [-1, 1] images (unscaled)."""
-    if isinstance(task.vae, VQModel):
-        return task.vae.apply({"params": vae_params}, images, method="encode").astype(jnp.float32)
-    post = task.vae.apply({"params": vae_params}, images, method="encode")
-    return post.sample(rng)
+    """First-stage latents of [-1, 1] images (unscaled; KL posteriors are sampled)."""
+    return first_stage_latents(task.vae, vae_params, images, rng)
 
 
 def _dropped(rng, batch, p):
