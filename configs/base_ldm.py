@@ -34,8 +34,11 @@ def get_config():
                                params=dict()),
     ))
     c.data = ml_collections.ConfigDict(dict(
-        source="folder",  # 'folder' (root, captions, labels_from_dirs), 'array_record' (path), 'tfds'
+        # 'folder' (root, captions, labels_from_dirs), 'array_record' (path), 'tfds' (name, split,
+        # data_dir), or 'shapes': the built-in procedural dataset (num_examples, split)
+        source="folder",
         root="", captions="", labels_from_dirs=True, path="", name="", split="train", data_dir="",
+        num_examples=10_000,
         size=256, random_crop=False, random_flip=True, batch_size=64, num_workers=4,
         cache_latents=False))  # LDM stage: encode the data once, train from cached first-stage moments
     c.optim = ml_collections.ConfigDict(dict(

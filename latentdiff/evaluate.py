@@ -60,21 +60,35 @@ def parse_prompt(prompt):
 
 
 def adherence(images, prompts):
-    """{"colour", "shape", "position", "all"}: fractions of `images` (uint8 N x H x W x 3) matching `prompts`."""
+    """{"colour", "shape", "position", "all"}: fractions of `images` (uint8 N x H x W x 3) matching `prompts`.
+
+    A prompt is a string ("a red circle at the top left") or a dict of the attributes wanted, e.g.
+    {"colour": "red", "shape": "circle"} for a class label; only the attributes every prompt names
+    are scored ("all": every scored attribute matches).
+    """
     prompts = list(prompts)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     if not prompts:
         raise ValueError("no images to evaluate")
-    wanted = [parse_prompt(p) for p in prompts]  # parse all first: a bad prompt fails before any work
-    hits = {k: 0 for k in (*ATTRIBUTES, "all")}
+    # parse all first: a bad prompt fails before any work
+    wanted = [dict(p) if isinstance(p, dict) else parse_prompt(p) for p in prompts]
+    scored = [k for k in ATTRIBUTES if all(k in w for w in wanted)]
+    if not scored:
+        raise ValueError(f"the prompts share no attribute to score; expected some of {ATTRIBUTES}")
+    hits = {k: 0 for k in (*scored, "all")}
     for image, want in zip(images, wanted):
         got = classify(image)
-        matches = [got[k] == want[k] for k in ATTRIBUTES]
-        for k, match in zip(ATTRIBUTES, matches):
+        matches = [got[k] == want[k] for k in scored]
+        for k, match in zip(scored, matches):
             hits[k] += match
         hits["all"] += all(matches)
     return {k: v / len(prompts) for k, v in hits.items()}
+
+
+def recognised(images):
+    """The fraction of images in which `classify` finds a shape (for unconditional samples)."""
+    return float(np.mean([classify(image)["shape"] is not None for image in images]))
 
 
 def format_table(rows, key="guidance"):

@@ -216,7 +216,8 @@ def build_ldm(p, dtype=jnp.float32, scale_factor=None):
         task=task, scale_factor=float(p.get("scale_factor", 1.0) if scale_factor is None else scale_factor),
         latent_channels=int(p.get("channels", ucfg.out_channels)),
         latent_size=int(p.get("image_size", 32)), vae_scale=2 ** (len(ae.ch_mult) - 1),
-        null_class=null_class, prediction_type=p.get("parameterization", "eps"))
+        null_class=null_class, prediction_type=p.get("parameterization", "eps"),
+        max_length=cond_model.config.max_length if isinstance(cond_model, LDMBert) else 77)
     return dict(unet=UNet(ucfg, dtype=dtype), vae=vae, cond_model=cond_model, schedule=schedule,
                 config=config, cond_target=cs_target)
 

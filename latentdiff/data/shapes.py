@@ -13,9 +13,9 @@ split, so that a model trained on 'train' can be prompted with captions it has n
 Do not train with `random_flip`: a flip moves a left shape to the right and its caption goes wrong.
 """
 import numpy as np
-from PIL import Image
 
 from latentdiff.data.sources import _example
+from latentdiff.data.transforms import low_resolution
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 205, 20)}
@@ -40,6 +40,14 @@ TRAIN = [combo for n, combo in enumerate(COMBINATIONS) if n % 7 != 3]
 def caption(colour, shape, position):
     where = "in the center" if position == "center" else f"at the {position}"
     return f"a {colour} {shape} {where}"
+
+
+def vocabulary():
+    """The lines of a BERT WordPiece `vocab.txt` covering every caption: special tokens, then words."""
+    from latentdiff.models.tokenizer import SPECIAL_TOKENS
+
+    words = sorted({w for combo in COMBINATIONS for w in caption(*combo).split()})
+    return list(SPECIAL_TOKENS) + words
 
 
 def position_centre(position, size):
@@ -133,11 +141,13 @@ class ShapesSource:
         return mask
 
     def low_res(self, i, factor=4):
-        """uint8 (size // factor, size // factor, 3): the image, box-filtered down."""
+        """uint8 (size // factor, size // factor, 3): the super-resolution input (`low_resolution`)."""
         small = self.size // factor
         if factor < 1 or small < 1:
             raise ValueError(f"factor {factor} does not fit an image of {self.size} pixels")
-        return np.asarray(Image.fromarray(self.image(i)).resize((small, small), Image.Resampling.BOX))
+        x = self.image(i)[None].astype(np.float32) / 127.5 - 1.0
+        x = np.asarray(low_resolution(x, (small, small)))[0]
+        return np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
 
     def describe(self, i):
         return f"shapes[{self.split}, seed {self.seed}, size {self.size}] example {i}: {self.caption(i)!r}"

@@ -69,3 +69,11 @@ class Preprocess:
         if self.random_flip and rng.random() < 0.5:
             array = array[:, ::-1]
         return to_float(array)
+
+
+def low_resolution(images, hw):
+    """The super-resolution input of [-1, 1] NHWC images: downsampled to `hw` by antialiased bicubic
+    (a clean stand-in for the paper's BSR degradation); used by training and by the shapes data."""
+    import jax
+
+    return jax.image.resize(images, (images.shape[0], *hw, images.shape[-1]), "bicubic")

@@ -52,12 +52,14 @@ class TextEncoderConfig:
     def from_compvis(cls, params: dict):
         """From the YAML `params` of CompVis' BERTEmbedder / TransformerEmbedder (n_embed, n_layer).
 
-        x-transformers' defaults apply: 8 heads of 64 whatever the width, MLP 4 x width.
+        x-transformers' defaults apply: 8 heads of 64 whatever the width, MLP 4 x width. `heads` and
+        `dim_head` (x-transformers' Encoder arguments) may be given to size a small encoder.
         """
         width = params["n_embed"]
         return cls(vocab_size=params.get("vocab_size", 30522),
                    max_length=params.get("max_seq_len", 77),
-                   width=width, depth=params["n_layer"], heads=8, head_dim=64, ffn_dim=4 * width)
+                   width=width, depth=params["n_layer"], heads=params.get("heads", 8),
+                   head_dim=params.get("dim_head", 64), ffn_dim=4 * width)
 
 
 class SelfAttention(nn.Module):

@@ -22,6 +22,7 @@ from latentdiff.losses.discriminator import NLayerDiscriminator
 from latentdiff.losses.lpips import LPIPS, load_lpips_params
 from latentdiff.models.autoencoder import AutoencoderConfig, VQModel, first_stage_latents, make_autoencoder
 from latentdiff.training.loop import NonFiniteLossError, _Stop, data_config, resume
+from latentdiff.training.state import keep_if_finite
 
 
 class AEState(flax.struct.PyTreeNode):
@@ -45,6 +46,7 @@ def make_step(ae, disc, lpips, loss_cfg, tx, disc_tx):
     """The pure train step (state, lpips_params, images, rng) -> (state, metrics)."""
     kind = "vq" if isinstance(ae, VQModel) else "kl"
     w_p = float(loss_cfg.perceptual_weight)
+    use_gan = float(loss_cfg.disc_weight) > 0  # disc_weight 0: no discriminator at all
 
     def perceptual(lpips_params, x, x_rec):
         if w_p == 0:
@@ -59,6 +61,9 @@ def make_step(ae, disc, lpips, loss_cfg, tx, disc_tx):
         return x_rec.astype(jnp.float32), qloss
 
     def generator_loss(params, state, lpips_params, x, rng):
+        if not use_gan:
+            return plain_loss(params, state, lpips_params, x, rng)
+
         def terms(kernel):
             x_rec, extra = reconstruct(L.replace_last_layer(params, kernel), x, rng)
             nll, rec = L.reconstruction_loss(x, x_rec, perceptual(lpips_params, x, x_rec), kind=kind,
@@ -77,11 +82,29 @@ def make_step(ae, disc, lpips, loss_cfg, tx, disc_tx):
                                             codebook_weight=float(loss_cfg.codebook_weight), terms=rec)
         return loss, (log, stats)
 
+    def plain_loss(params, state, lpips_params, x, rng):
+        """Without a GAN: reconstruction + KL / codebook terms only (no discriminator is run)."""
+        x_rec, extra = reconstruct(params, x, rng)
+        nll, rec = L.reconstruction_loss(x, x_rec, perceptual(lpips_params, x, x_rec), kind=kind,
+                                         perceptual_weight=w_p)
+        zero = jnp.zeros((), jnp.float32)
+        generator = L.kl_generator_loss if kind == "kl" else L.vq_generator_loss
+        weights = dict(kl_weight=float(loss_cfg.kl_weight)) if kind == "kl" else dict(
+            codebook_weight=float(loss_cfg.codebook_weight))
+        loss, log = generator(nll, zero, extra, zero, state.step, disc_start=loss_cfg.disc_start, terms=rec,
+                              **weights)
+        return loss, (log, state.disc_stats)
+
     def step(state, lpips_params, x, base_rng):
         rng = jax.random.fold_in(base_rng, state.step)
         grads, (log, stats) = jax.grad(generator_loss, has_aux=True)(state.params, state, lpips_params, x, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if not use_gan:
+            new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+            finite = jnp.isfinite(log["total_loss"])
+            new = keep_if_finite(finite, new, state)
+            return new, {**log, "loss": log["total_loss"], "finite": finite}
         x_rec = jax.lax.stop_gradient(reconstruct(params, x, rng)[0])
 
         def d_loss(dp, stats):
@@ -98,7 +121,7 @@ def make_step(ae, disc, lpips, loss_cfg, tx, disc_tx):
                             disc_params=optax.apply_updates(state.disc_params, dupd), disc_stats=stats,
                             disc_opt_state=disc_opt_state)
         finite = jnp.isfinite(log["total_loss"]) & jnp.isfinite(dlog["disc_loss"])
-        new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
+        new = keep_if_finite(finite, new, state)
         metrics = {k: v for k, v in {**log, **dlog}.items()}
         return new, {**metrics, "loss": log["total_loss"], "finite": finite}
 

@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latentdiff.data.transforms import low_resolution
 from latentdiff.diffusion.objectives import diffusion_loss, training_target
 from latentdiff.models.autoencoder import DiagonalGaussian, VQModel, first_stage_latents
-from latentdiff.training.state import TrainState, ema_update
+from latentdiff.training.state import TrainState, ema_update, keep_if_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +85,8 @@ def conditioning(task, cond_params, vae_params, batch, rng, train=True):
     if task.task == "uncond":
         return None, None
     x = batch["image"]
-    if task.task == "superres":  # low-res image at latent resolution (bicubic, as a clean stand-in)
-        h, w = _latent_hw(task, x)
-        return None, jax.image.resize(x, (b, h, w, x.shape[-1]), "bicubic")
+    if task.task == "superres":
+        return None, low_resolution(x, _latent_hw(task, x))
     if task.task == "inpaint":
         mask = batch["mask"] if "mask" in batch else random_box_masks(k_mask, x.shape[:3])
         masked = x * (1.0 - mask) - mask  # the hole is -1, as the paper's inpaint script
@@ -160,7 +160,7 @@ def train_step(task, tx, accumulate, state: TrainState, frozen, batch, base_rng)
     ema = ema_update(state.ema, params["unet"], state.step, task.ema_max_decay) if task.use_ema else state.ema
     new = state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state)
     finite = jnp.isfinite(loss)
-    new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state.replace(step=state.step + 1))
+    new = keep_if_finite(finite, new, state)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
     return new, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 

@@ -23,7 +23,7 @@ from latentdiff.training import ldm_step
 from latentdiff.training.state import TrainState, make_optimizer
 
 DATA_KEYS = {"folder": ("root", "captions", "labels_from_dirs"), "array_record": ("path",),
-             "tfds": ("name", "split", "data_dir")}
+             "tfds": ("name", "split", "data_dir"), "shapes": ("num_examples", "split")}
 COMMON_DATA_KEYS = ("size", "random_crop", "random_flip", "batch_size", "num_workers")
 
 

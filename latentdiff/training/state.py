@@ -45,3 +45,8 @@ def ema_update(ema, params, step, max_decay):
     n = (step + 1).astype(jnp.float32)
     decay = jnp.minimum(max_decay, (1.0 + n) / (10.0 + n))
     return jax.tree_util.tree_map(lambda e, p: e - (1.0 - decay) * (e - p), ema, params)
+
+
+def keep_if_finite(finite, new, old):
+    """`new` where `finite`, else `old` with its step advanced: a NaN/inf step changes no weights."""
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old.replace(step=old.step + 1))
