@@ -2,18 +2,17 @@
 
 `classify(image)` reads an image's (colour, shape, position): the foreground is the pixels far
 from the background grey; its colour is the palette colour nearest its median pixel; its position
-the one of the five centres nearest its centroid; its shape follows from how much of its bounding
-box it fills (square ~1, circle ~pi/4, triangle ~1/2). `adherence(images, prompts)` is the fraction
+the one of the five centres nearest its centroid; its shape is the square, circle or triangle drawn
+in its bounding box that overlaps it best (intersection over union), which tolerates blurred edges. `adherence(images, prompts)` is the fraction
 of images whose colour, shape, position, and all three, match their prompt.
 """
 import re
 
 import numpy as np
 
-from latentdiff.data.shapes import BACKGROUND, COLOURS, POSITIONS, SHAPES, position_centre
+from latentdiff.data.shapes import BACKGROUND, COLOURS, POSITIONS, SHAPES, position_centre, shape_mask
 
 FOREGROUND_DISTANCE = 80.0  # RGB distance from the background beyond which a pixel is foreground
-SQUARE_FILL, CIRCLE_FILL = 0.94, 0.65  # fill >= SQUARE_FILL: square; >= CIRCLE_FILL: circle; else triangle
 MIN_PIXELS = 4  # fewer foreground pixels than this: nothing is recognised
 ATTRIBUTES = ("colour", "shape", "position")
 _PALETTE = np.array(list(COLOURS.values()), np.float32)
@@ -37,13 +36,23 @@ def classify(image):
     if shape_pixels.sum() < MIN_PIXELS:
         shape_pixels = foreground
     rows, cols = np.nonzero(shape_pixels)
-    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    fill = len(rows) / box
-    shape = "square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
+    shape = _best_template(shape_pixels[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
     size = image.shape[0]
     cy, cx = rows.mean() + 0.5, cols.mean() + 0.5
     distances = [np.hypot(cx - x, cy - y) for x, y in (position_centre(p, size) for p in POSITIONS)]
     return {"colour": colour, "shape": shape, "position": POSITIONS[int(np.argmin(distances))]}
+
+
+def _best_template(inside):
+    """The shape whose template, drawn in the bounding box of bool mask `inside`, has the best IoU."""
+    h, w = inside.shape
+    v, u = np.mgrid[0:h, 0:w]
+    u = (u + 0.5) / w * 2 - 1  # -1..1 across the box
+    v = (v + 0.5) / h * 2 - 1
+    templates = {"square": np.ones_like(inside), "circle": u * u + v * v <= 1.0,
+                 "triangle": np.abs(u) <= (v + 1) / 2}  # apex at the top, base at the bottom
+    iou = {k: (t & inside).sum() / max((t | inside).sum(), 1) for k, t in templates.items()}
+    return max(SHAPES, key=iou.get)
 
 
 def parse_prompt(prompt):
@@ -86,9 +95,19 @@ def adherence(images, prompts):
     return {k: v / len(prompts) for k, v in hits.items()}
 
 
-def recognised(images):
-    """The fraction of images in which `classify` finds a shape (for unconditional samples)."""
-    return float(np.mean([classify(image)["shape"] is not None for image in images]))
+def recognised(images, min_iou=0.6):
+    """The fraction of images showing one clean shape: the shape `classify` reads, drawn where it
+    reads it, covers the foreground with IoU >= min_iou (for unconditional samples)."""
+    hits = 0
+    for image in images:
+        got = classify(image)
+        if got["shape"] is None:
+            continue
+        image = np.asarray(image, np.float32)
+        foreground = np.linalg.norm(image - np.array(BACKGROUND, np.float32), axis=-1) > FOREGROUND_DISTANCE
+        template = shape_mask(got["shape"], got["position"], image.shape[0])
+        hits += (template & foreground).sum() / (template | foreground).sum() >= min_iou
+    return hits / len(images)
 
 
 def format_table(rows, key="guidance"):

@@ -99,7 +99,8 @@ class LatentDiffusionPipeline:
         key = (sampler, int(num_inference_steps), float(eta), guided, shape)
         if key not in self._programs:
             self._programs[key] = self._build_program(sampler, int(num_inference_steps), float(eta), guided)
-        z, images = self._programs[key](self.params, cond, uncond, latents, rng,
+        cond, uncond, latents = self._split_over_devices((cond, uncond, latents))
+        z, images = self._programs[key](self._placed_params(), cond, uncond, latents, rng,
                                         jnp.float32(guidance_scale))
         if output_type == "latents":
             return np.asarray(z)
@@ -162,6 +163,38 @@ class LatentDiffusionPipeline:
             raise ValueError(f"mask must have shape {image.shape[:3]} (+ optional 1 channel) to "
                              f"match the image, got {mask.shape}")
         return (jnp.asarray(image), jnp.asarray((mask >= 0.5).astype(np.float32))), None, image.shape[0]
+
+    # ------------------------------------------------------------------ devices
+    def _mesh(self):
+        """A 1-D mesh over this process's devices, or None with one device (or several processes,
+        whose arrays `device_put` cannot place from one host)."""
+        if jax.local_device_count() == 1 or jax.process_count() > 1:
+            return None
+        return jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+
+    def _placed_params(self):
+        """The parameters, replicated over the mesh once (as they are with one device)."""
+        mesh = self._mesh()
+        if mesh is None:
+            return self.params
+        if getattr(self, "_replicated", None) is None or self._replicated[0] is not self.params:
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            self._replicated = (self.params, jax.device_put(self.params, sharding))
+        return self._replicated[1]
+
+    def _split_over_devices(self, tree):
+        """Batch-leading inputs split over the devices (jit then runs each device's share); a batch
+        the device count does not divide is replicated instead."""
+        mesh = self._mesh()
+        if mesh is None:
+            return tree
+        P, n = jax.sharding.PartitionSpec, mesh.size
+
+        def put(x):
+            spec = P("batch") if x.ndim and x.shape[0] % n == 0 else P()
+            return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+        return jax.tree_util.tree_map(put, tree)
 
     # ------------------------------------------------------------------ the jitted program
     def _build_program(self, sampler, num_steps, eta, guided):

@@ -1,0 +1,37 @@
+"""Sample a latent diffusion model: `python sample.py [--config=configs/sample.py] [--config.KEY=VALUE ...]`.
+
+With no flags it samples the built-in demo (`workdir/demo`, written by `python train.py`) on its
+held-out prompts. `configs/sample.py` lists every setting. Bad input (no checkpoint, a prompt word the
+vocabulary lacks, an image or mask that does not fit) is a one-line error with exit status 2.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+DEFAULT_CONFIG = "configs/sample.py"
+config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Sampling settings (get_config()).", lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    from latentdiff.sampling import UserInputError, run
+
+    try:
+        paths = run(FLAGS.config)
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+
+
+if __name__ == "__main__":
+    from latentdiff.config_overrides import check_argv
+
+    check_argv(sys.argv, DEFAULT_CONFIG)
+    try:
+        app.run(main)
+    except KeyboardInterrupt:
+        sys.exit(130)
