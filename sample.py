@@ -4,14 +4,19 @@ With no flags it samples the built-in demo (`workdir/demo`, written by `python t
 held-out prompts. `configs/sample.py` lists every setting. Bad input (no checkpoint, a prompt word the
 vocabulary lacks, an image or mask that does not fit) is a one-line error with exit status 2.
 """
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-DEFAULT_CONFIG = "configs/sample.py"
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Sampling settings (get_config()).", lock_config=True)
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sample.py")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """After check_argv: config_flags reads the default config and its overrides when defined."""
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Sampling settings (get_config()).", lock_config=True)
 
 
 def main(argv):
@@ -31,6 +36,7 @@ if __name__ == "__main__":
     from latentdiff.config_overrides import check_argv
 
     check_argv(sys.argv, DEFAULT_CONFIG)
+    _define_flags()
     try:
         app.run(main)
     except KeyboardInterrupt:

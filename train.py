@@ -3,15 +3,20 @@
 Any config key can be overridden: `--config.optim.lr=1e-4`; an unknown key is an error that lists
 the valid ones. Running again with the same --workdir resumes from its newest checkpoint.
 """
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-DEFAULT_CONFIG = "configs/tiny_ldm.py"  # the built-in demo replaces this (issue 4)
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (get_config()).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py")
 FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    """After check_argv: config_flags reads the default config and its overrides when defined."""
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (get_config()).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
 
 
 def main(argv):
@@ -27,6 +32,7 @@ if __name__ == "__main__":
     from latentdiff.config_overrides import check_argv
 
     check_argv(sys.argv, DEFAULT_CONFIG)
+    _define_flags()
     try:
         app.run(main)
     except KeyboardInterrupt:

@@ -1,9 +1,10 @@
 """The built-in `shapes` dataset and the prompt-adherence evaluator."""
 import numpy as np
 import pytest
+from PIL import Image
 
 from latentdiff.data import SOURCES, make_dataset
-from latentdiff.data.shapes import (CLASS_NAMES, COMBINATIONS, HELDOUT, TRAIN, ShapesSource, caption,
+from latentdiff.data.shapes import (CLASS_NAMES, COMBINATIONS, HELDOUT, TRAIN, ShapesSource, caption, render,
                                     combination_index)
 from latentdiff.data.transforms import decode_image
 from latentdiff.evaluate import adherence, classify, format_table, parse_prompt
@@ -127,3 +128,20 @@ def test_format_table():
     lines = table.splitlines()
     assert lines[0].split() == ["guidance", "colour", "shape", "position", "all"]
     assert lines[2].split() == ["1.0", "0.500", "0.250", "1.000", "0.125"] and len(lines) == 4
+
+
+def test_classifier_tolerates_blurred_edges_and_scores_attribute_dicts():
+    from PIL import ImageFilter
+
+    from latentdiff.evaluate import recognised
+
+    combos = COMBINATIONS
+    blurred = [np.asarray(Image.fromarray(render(*c)).filter(ImageFilter.GaussianBlur(0.6))) for c in combos]
+    assert adherence(blurred, [caption(*c) for c in combos])["all"] == 1.0
+    wanted = [{"colour": c, "shape": s} for c, s, _ in combos]
+    assert adherence(blurred, wanted) == {"colour": 1.0, "shape": 1.0, "all": 1.0}
+    wrong = [{"colour": "red", "shape": "square"}] * len(combos)
+    assert adherence(blurred, wrong)["all"] == pytest.approx(5 / 60)
+    assert recognised([render(*c) for c in combos]) == 1.0
+    noise = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    assert recognised(noise) == 0.0

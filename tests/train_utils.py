@@ -27,7 +27,17 @@ def image_folder(path, classes=("red", "green", "blue"), per_class=8, size=20, s
 
 
 def train(config, workdir, *overrides, devices=None, check=True, **popen):
-    """Run `python train.py` in a subprocess; returns the CompletedProcess (or Popen with wait=False)."""
+    """Run `python train.py` in a subprocess; returns the CompletedProcess (or Popen with background=True)."""
+    return run_program("train.py", f"--config={os.path.join(ROOT, config)}", f"--workdir={workdir}", *overrides,
+                       devices=devices, check=check, **popen)
+
+
+def sample(*overrides, devices=None, check=True, cwd=ROOT):
+    """Run `python sample.py` (its default config) in a subprocess; returns the CompletedProcess."""
+    return run_program("sample.py", *overrides, devices=devices, check=check, cwd=cwd)
+
+
+def run_program(script, *args, devices=None, check=True, cwd=ROOT, **popen):
     # Tiny models: compile time dominates, so skip most XLA optimisations and share a compilation
     # cache between the runs of a test (results stay exact: every run of a test uses the same setting).
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
@@ -35,13 +45,12 @@ def train(config, workdir, *overrides, devices=None, check=True, **popen):
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={os.path.join(ROOT, config)}",
-           f"--workdir={workdir}", *overrides]
+    cmd = [sys.executable, os.path.join(ROOT, script), *args]
     if popen.pop("background", False):
-        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
     if check and out.returncode != 0:
-        raise AssertionError(f"train.py failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+        raise AssertionError(f"{script} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
 
 
