@@ -26,7 +26,7 @@ def get_config():
     m.scale_by_std = True
     m.conditioning_key, m.cond_stage_key, m.cond_drop_prob = "crossattn", "caption", 0.1
     m.unet_config.params.update(dict(
-        image_size=8, in_channels=4, out_channels=4, model_channels=64, attention_resolutions=(1, 2),
+        image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=(1, 2),
         num_res_blocks=1, channel_mult=(1, 2), num_heads=-1, num_head_channels=32,
         use_spatial_transformer=True, transformer_depth=1, context_dim=64, legacy=False))
     m.first_stage_config.update(base_autoencoder.first_stage_config(ae, checkpoint="workdir/shapes_autoencoder"))
@@ -35,10 +35,10 @@ def get_config():
     m.cond_stage_config.params = dict(n_embed=64, n_layer=2, heads=2, dim_head=32, max_seq_len=16,
                                       vocab_size=len(shapes.vocabulary()))
     c.data.update(dict(source="shapes", size=32, num_examples=4096, random_crop=False, random_flip=False,
-                       batch_size=64, num_workers=0, cache_latents=True))
+                       batch_size=32, num_workers=0, cache_latents=True))
     c.optim.update(dict(lr=1e-3, warmup_steps=100))
     heldout = tuple(shapes.caption(*combo) for combo in shapes.HELDOUT)
-    c.train.update(dict(steps=2000, ema_max_decay=0.999, log_every=20, ckpt_every=500, sample_every=0,
+    c.train.update(dict(steps=1200, ema_max_decay=0.999, log_every=20, ckpt_every=500, sample_every=0,
                         sample_steps=25, guidance_scale=3.0, sample_prompts=heldout))
     c.mesh.fsdp_min_size = 2 ** 20
     # the end-of-run report (latentdiff.training.report): held-out samples at these guidance scales
