@@ -6,7 +6,7 @@ the valid ones. Running again with the same --workdir resumes from its newest ch
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py")
@@ -29,11 +29,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from latentdiff.config_overrides import check_argv
+    from latentdiff.config_overrides import run_main
 
-    check_argv(sys.argv, DEFAULT_CONFIG)
-    _define_flags()
-    try:
-        app.run(main)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main, sys.argv, DEFAULT_CONFIG, _define_flags)

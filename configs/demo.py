@@ -38,7 +38,7 @@ def get_config():
                        batch_size=32, num_workers=0, cache_latents=True))
     c.optim.update(dict(lr=1e-3, warmup_steps=100))
     heldout = tuple(shapes.caption(*combo) for combo in shapes.HELDOUT)
-    c.train.update(dict(steps=1200, ema_max_decay=0.999, log_every=20, ckpt_every=500, sample_every=0,
+    c.train.update(dict(steps=800, ema_max_decay=0.999, log_every=20, ckpt_every=500, sample_every=0,
                         sample_steps=25, guidance_scale=3.0, sample_prompts=heldout))
     c.mesh.fsdp_min_size = 2 ** 20
     # the end-of-run report (latentdiff.training.report): held-out samples at these guidance scales

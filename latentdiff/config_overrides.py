@@ -43,3 +43,16 @@ def check_argv(argv, default_config):
             if msg:
                 sys.stderr.write(f"error: {msg}\n")
                 sys.exit(2)
+
+
+def run_main(main, argv, default_config, define_flags):
+    """Check the overrides, define the flags (config_flags reads the config then), run `main` with
+    absl; Ctrl-C exits with 130 and no traceback."""
+    from absl import app
+
+    check_argv(argv, default_config)
+    define_flags()
+    try:
+        app.run(main, argv)
+    except KeyboardInterrupt:
+        sys.exit(130)
