@@ -1,8 +1,9 @@
 """`shapes`: a built-in, procedurally drawn, captioned dataset (no download), for tests and demos.
 
 Each image is one filled shape (circle, square, triangle) of one saturated colour (red, green, blue,
-yellow), about 40% of the side, centred at one of five positions (the four quadrant centres, at
-1/4 and 3/4 of the side, or the middle), on a plain light-grey background. Its caption reads
+yellow), half the side wide (at 40%, a small f4 autoencoder trained for minutes rounds squares into
+circles), centred at one of five positions (the four quadrant centres, at 1/4 and 3/4 of the side,
+or the middle), on a plain light-grey background. Its caption reads
 "a red circle at the top left" ("... in the center"), its class label is the (colour, shape) pair
 (12 classes, `CLASS_NAMES`). Example i of a `ShapesSource` is a fixed function of (i, seed, split).
 
@@ -21,7 +22,7 @@ SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 205, 20)}
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
 BACKGROUND = (210, 210, 210)
-SHAPE_FRACTION = 0.4  # a shape's width and height, as a fraction of the image side
+SHAPE_FRACTION = 0.5  # a shape's width and height, as a fraction of the image side
 CLASS_NAMES = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
 SPLITS = ("train", "heldout")
 
