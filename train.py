@@ -24,7 +24,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from latentdiff.training import train_and_evaluate
 
-    workdir = FLAGS.workdir or f"workdir/{FLAGS.config.get('name', FLAGS.config.stage)}"
+    workdir = FLAGS.workdir or f"workdir/{FLAGS.config.name or FLAGS.config.stage}"
     train_and_evaluate(FLAGS.config, workdir)
 
 

@@ -13,6 +13,7 @@ from configs import base_ldm
 def get_config():
     c = ml_collections.ConfigDict()
     c.stage = "autoencoder"
+    c.name = ""  # train.py's default workdir is workdir/<name>
     c.seed = 23
     c.model = ml_collections.ConfigDict(dict(
         target="kl",  # 'kl' (AutoencoderKL) or 'vq' (VQModel)

@@ -9,6 +9,7 @@ import ml_collections
 def get_config():
     c = ml_collections.ConfigDict()
     c.stage = "ldm"
+    c.name = ""  # train.py's default workdir is workdir/<name>
     c.seed = 23
     c.model = ml_collections.ConfigDict(dict(
         timesteps=1000, beta_schedule="linear", linear_start=0.0015, linear_end=0.0195,
@@ -49,4 +50,8 @@ def get_config():
         max_to_keep=3, sample_every=5000, num_sample=8, sample_steps=50, guidance_scale=1.0,
         sample_prompts=("",), sample_labels=(0,)))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 16))
+    # The end-of-run report on the built-in `shapes` data (latentdiff.training.report): samples at
+    # these guidance scales (none: no report), samples_per_condition each, `steps` of `sampler`.
+    c.evaluate = ml_collections.ConfigDict(dict(guidance_scales=(), samples_per_condition=8, steps=25,
+                                                sampler="ddim"))
     return c

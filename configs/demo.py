@@ -8,8 +8,6 @@ guidance scales, prints how often the images match them, and writes a grid and a
 """
 import os
 
-import ml_collections
-
 from configs import base_autoencoder, base_ldm, shapes_autoencoder
 from latentdiff.data import shapes
 
@@ -41,7 +39,5 @@ def get_config():
     c.train.update(dict(steps=800, ema_max_decay=0.999, log_every=20, ckpt_every=500, sample_every=0,
                         sample_steps=25, guidance_scale=3.0, sample_prompts=heldout))
     c.mesh.fsdp_min_size = 2 ** 20
-    # the end-of-run report (latentdiff.training.report): held-out samples at these guidance scales
-    c.evaluate = ml_collections.ConfigDict(dict(guidance_scales=(1.0, 2.0, 3.0, 5.0), samples_per_condition=8,
-                                                steps=25, sampler="ddim"))
+    c.evaluate.guidance_scales = (1.0, 2.0, 3.0, 5.0)  # the end-of-run report on held-out prompts
     return c

@@ -21,7 +21,7 @@ def train_and_evaluate(config, workdir):
     if "autoencoder" in config:
         train_first_stage(config)
     result = train_ldm(config, workdir)
-    if "evaluate" in config and config.evaluate.guidance_scales:
+    if config.evaluate.guidance_scales:
         from latentdiff.training.report import report
 
         report(config, workdir)
