@@ -51,6 +51,7 @@ class LatentDiffusionPipeline:
         self.schedule, self.config = schedule, config
         self.params = params  # {'unet': ..., 'vae': ..., 'cond': ... (optional)}
         self._programs = {}
+        self._replicated = None  # (params, their replicated copy) when sampling over several devices
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -177,7 +178,7 @@ class LatentDiffusionPipeline:
         mesh = self._mesh()
         if mesh is None:
             return self.params
-        if getattr(self, "_replicated", None) is None or self._replicated[0] is not self.params:
+        if self._replicated is None or self._replicated[0] is not self.params:
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             self._replicated = (self.params, jax.device_put(self.params, sharding))
         return self._replicated[1]

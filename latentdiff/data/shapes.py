@@ -16,7 +16,7 @@ Do not train with `random_flip`: a flip moves a left shape to the right and its 
 import numpy as np
 
 from latentdiff.data.sources import _example
-from latentdiff.data.transforms import low_resolution
+from latentdiff.data.transforms import low_resolution, to_uint8
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 205, 20)}
@@ -148,7 +148,7 @@ class ShapesSource:
             raise ValueError(f"factor {factor} does not fit an image of {self.size} pixels")
         x = self.image(i)[None].astype(np.float32) / 127.5 - 1.0
         x = np.asarray(low_resolution(x, (small, small)))[0]
-        return np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
+        return to_uint8(x)
 
     def describe(self, i):
         return f"shapes[{self.split}, seed {self.seed}, size {self.size}] example {i}: {self.caption(i)!r}"

@@ -71,6 +71,11 @@ class Preprocess:
         return to_float(array)
 
 
+def to_uint8(images):
+    """[-1, 1] float images -> uint8 [0, 255] (clipped, rounded)."""
+    return np.round((np.clip(np.asarray(images), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
 def low_resolution(images, hw):
     """The super-resolution input of [-1, 1] NHWC images: downsampled to `hw` by antialiased bicubic
     (a clean stand-in for the paper's BSR degradation); used by training and by the shapes data."""

@@ -17,6 +17,7 @@ from typing import Any
 from latentdiff import parallel
 from latentdiff.checkpoint import Checkpointer
 from latentdiff.data import make_dataset
+from latentdiff.data.transforms import to_uint8
 from latentdiff.losses import autoencoder_loss as L
 from latentdiff.losses.discriminator import NLayerDiscriminator
 from latentdiff.losses.lpips import LPIPS, load_lpips_params
@@ -100,11 +101,16 @@ def make_step(ae, disc, lpips, loss_cfg, tx, disc_tx):
         grads, (log, stats) = jax.grad(generator_loss, has_aux=True)(state.params, state, lpips_params, x, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if not use_gan:
-            new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-            finite = jnp.isfinite(log["total_loss"])
-            new = keep_if_finite(finite, new, state)
-            return new, {**log, "loss": log["total_loss"], "finite": finite}
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        finite = jnp.isfinite(log["total_loss"])
+        if use_gan:
+            new, dlog = discriminator_update(new, state, params, x, rng, stats)
+            log = {**log, **dlog}
+            finite = finite & jnp.isfinite(dlog["disc_loss"])
+        return keep_if_finite(finite, new, state), {**log, "loss": log["total_loss"], "finite": finite}
+
+    def discriminator_update(new, state, params, x, rng, stats):
+        """D step on the real batch and the updated autoencoder's reconstructions."""
         x_rec = jax.lax.stop_gradient(reconstruct(params, x, rng)[0])
 
         def d_loss(dp, stats):
@@ -117,13 +123,8 @@ def make_step(ae, disc, lpips, loss_cfg, tx, disc_tx):
 
         dgrads, (dlog, stats) = jax.grad(d_loss, has_aux=True)(state.disc_params, stats)
         dupd, disc_opt_state = disc_tx.update(dgrads, state.disc_opt_state, state.disc_params)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                            disc_params=optax.apply_updates(state.disc_params, dupd), disc_stats=stats,
-                            disc_opt_state=disc_opt_state)
-        finite = jnp.isfinite(log["total_loss"]) & jnp.isfinite(dlog["disc_loss"])
-        new = keep_if_finite(finite, new, state)
-        metrics = {k: v for k, v in {**log, **dlog}.items()}
-        return new, {**metrics, "loss": log["total_loss"], "finite": finite}
+        return new.replace(disc_params=optax.apply_updates(state.disc_params, dupd), disc_stats=stats,
+                           disc_opt_state=disc_opt_state), dlog
 
     return step
 
@@ -217,7 +218,7 @@ def save_reconstructions(ae, params, x, path):
     z = first_stage_latents(ae32, params, jnp.asarray(x))
     x_rec = ae32.apply({"params": params}, z, method="decode")
     both = np.concatenate([np.asarray(x), np.asarray(x_rec)])
-    save_grid(np.round((np.clip(both, -1, 1) + 1) * 127.5).astype(np.uint8), path, cols=len(x))
+    save_grid(to_uint8(both), path, cols=len(x))
 
 
 def export_autoencoder(workdir, config, params):

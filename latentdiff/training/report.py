@@ -15,15 +15,11 @@ import numpy as np
 from PIL import Image
 
 from latentdiff.data import shapes
-from latentdiff.data.transforms import low_resolution
+from latentdiff.data.transforms import low_resolution, to_uint8
 from latentdiff.evaluate import adherence, format_table, recognised
 from latentdiff.training.logging import plot_curves, read_metrics, save_grid
 
 GUIDED_TASKS = ("text2img", "class2img")
-
-
-def _to_uint8(x):
-    return np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
 def inpainting_mask(image_size, shape, position):
@@ -53,19 +49,26 @@ def conditions(task, size, vae_scale):
     names = [shapes.caption(*combo) for combo in heldout]
     if task == "superres":
         small = np.asarray(low_resolution(images, (size // vae_scale,) * 2))
-        shown = np.repeat(np.repeat(_to_uint8(small), vae_scale, 1), vae_scale, 2)
+        shown = np.repeat(np.repeat(to_uint8(small), vae_scale, 1), vae_scale, 2)
         return {"image": small}, attrs, names, shown
     if task == "inpaint":
         masks = np.stack([inpainting_mask(size, shape, pos) for _, shape, pos in heldout])
-        shown = _to_uint8(np.where(masks[..., None] > 0, -1.0, images))
+        shown = to_uint8(np.where(masks[..., None] > 0, -1.0, images))
         return {"image": images, "mask": masks}, attrs, names, shown
     raise ValueError(f"no shapes report for the '{task}' task")
 
 
 def _repeat(kwargs, n):
     """Each condition n times in a row."""
-    return {k: (np.repeat(np.asarray(v), n, axis=0) if k != "prompts" else [p for p in v for _ in range(n)])
-            if k != "num_samples" else v * n for k, v in kwargs.items()}
+    out = {}
+    for k, v in kwargs.items():
+        if k == "num_samples":
+            out[k] = v * n
+        elif k == "prompts":
+            out[k] = [p for p in v for _ in range(n)]
+        else:
+            out[k] = np.repeat(np.asarray(v), n, axis=0)
+    return out
 
 
 def report(config, workdir):
@@ -81,7 +84,7 @@ def report(config, workdir):
     out = os.path.join(workdir, "report")
     os.makedirs(out, exist_ok=True)
     if "image" in kwargs:  # an example input for the printed sample.py command
-        Image.fromarray(_to_uint8(kwargs["image"][0])).save(os.path.join(out, "input.png"))
+        Image.fromarray(to_uint8(kwargs["image"][0])).save(os.path.join(out, "input.png"))
     if "mask" in kwargs:
         Image.fromarray((kwargs["mask"][0] * 255).astype(np.uint8)).save(os.path.join(out, "mask.png"))
     n = int(ev.samples_per_condition)
