@@ -24,7 +24,7 @@ def get_config():
     m.scale_by_std = True
     m.conditioning_key, m.cond_stage_key, m.cond_drop_prob = "crossattn", "caption", 0.1
     m.unet_config.params.update(dict(
-        image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=(1, 2),
+        image_size=8, in_channels=4, out_channels=4, model_channels=64, attention_resolutions=(1, 2),
         num_res_blocks=1, channel_mult=(1, 2), num_heads=-1, num_head_channels=32,
         use_spatial_transformer=True, transformer_depth=1, context_dim=64, legacy=False))
     m.first_stage_config.update(base_autoencoder.first_stage_config(ae, checkpoint="workdir/shapes_autoencoder"))
@@ -39,5 +39,5 @@ def get_config():
     c.train.update(dict(steps=800, ema_max_decay=0.999, log_every=20, ckpt_every=500, sample_every=0,
                         sample_steps=25, guidance_scale=3.0, sample_prompts=heldout))
     c.mesh.fsdp_min_size = 2 ** 20
-    c.evaluate.guidance_scales = (1.0, 2.0, 3.0, 5.0)  # the end-of-run report on held-out prompts
+    c.evaluate.guidance_scales = (1.0, 2.0, 3.0, 4.0, 6.0)  # the end-of-run report on held-out prompts
     return c

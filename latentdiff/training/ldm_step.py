@@ -76,6 +76,11 @@ def conditioning(task, cond_params, vae_params, batch, rng, train=True):
         if p > 0:
             labels = jnp.where(_dropped(k_drop, b, p), task.null_class, labels)
         return task.cond_model.apply({"params": cond_params}, labels), None
+    if task.task == "text2img" and "context" in batch:  # precomputed by a frozen text encoder
+        if p > 0:
+            raise ValueError("caption dropout needs tokens, not a precomputed context: set "
+                             "model.cond_drop_prob=0 or give the batch 'tokens'")
+        return batch["context"], None
     if task.task == "text2img":
         tokens = batch["tokens"].astype(jnp.int32)
         if p > 0:

@@ -1,0 +1,386 @@
+"""Training and sampling speed of the paper's models on the current accelerator, beside the PyTorch peer.
+
+    python benchmarks/bench.py                                    # every case, then the table
+    python benchmarks/bench.py --cases=train_txt2img,sample_b16   # some of them
+    python benchmarks/bench.py --peer=../shared/bench/peer_torch.py   # and diffusers, same GPU
+    python benchmarks/bench.py --smoke                            # tiny models, 2 repeats (CI, CPU)
+
+Each case runs in its own process (so its peak memory is its own) and prints one JSON line; the
+driver collects them into `--out` (JSON lines) and prints a markdown table. Timings are medians
+over `--reps` after warm-up; MFU counts the FLOPs XLA reports for the compiled step against
+`--peak_tflops` (dense bf16 of an H100/H200 by default). Cases:
+
+  train_txt2img   the txt2img UNet (872M; 32x32x4 latents, 77x1280 context given), batch 64
+  train_cin256    the cin256-v2 UNet (401M; 64x64x3 latents, one head, class labels), batch 64
+  train_kl_f8     the KL-f8 autoencoder with LPIPS and the PatchGAN (both updates), 256 px, batch 8
+  sample_b{1,16,64}  txt2img (LDMBert + UNet + decoder) 50 DDIM steps, guidance 6, one jitted program
+  bf16_check      bf16 vs fp32 on the same inputs: UNet output and one sampled image (relative error)
+
+The real code paths run: `ldm_step.train_step` (AdamW, EMA, finite guard), the autoencoder loop's
+step, and `LatentDiffusionPipeline.__call__` (tokenising, device transfer and the uint8 images).
+"""
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CASES = ("train_txt2img", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16", "sample_b64", "bf16_check")
+PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1")
+
+
+def _median_time(fn, warmup, reps):
+    """Median seconds of fn() (which must block until its work is done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _peak_memory_gib():
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2 ** 30, 2)
+
+
+def _flops(compiled):
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"])
+    except Exception:  # not every backend reports costs
+        return None
+
+
+def _config(name, smoke, remat):
+    """A released model's config; with smoke, the same structure shrunk to run in seconds on a CPU."""
+    cfg = importlib.import_module(f"configs.{name}").get_config()
+    m = cfg.model
+    u = m.unet_config.params
+    u.use_checkpoint = bool(remat)
+    if smoke:
+        u.update(dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=1,
+                      num_heads=2 if u.num_heads > 1 else 1, num_head_channels=-1,
+                      context_dim=32 if u.context_dim else None, image_size=8))
+        m.image_size = 8
+        dd = m.first_stage_config.params.ddconfig
+        dd.update(dict(ch=32, ch_mult=(1,) * len(dd.ch_mult), resolution=8 * 2 ** (len(dd.ch_mult) - 1)))
+        if m.cond_stage_config.target.endswith("BERTEmbedder"):
+            m.cond_stage_config.params = dict(n_embed=32, n_layer=1, heads=2, dim_head=16)
+        if m.cond_stage_config.target.endswith("ClassEmbedder"):
+            m.cond_stage_config.params = dict(n_classes=1001, embed_dim=32)
+    return cfg
+
+
+def _dtype(name):
+    import jax.numpy as jnp
+
+    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
+
+
+def train_ldm_case(name, batch, args):
+    """Img/s of the real LDM train step; text models get the context as input, as the peer does."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from latentdiff.convert import loaders
+    from latentdiff.training import ldm_step
+    from latentdiff.training.loop import _init_fn, compvis_params
+
+    cfg = _config(name, args.smoke, args.remat)
+    spec = loaders.build_ldm(compvis_params(cfg.model), _dtype(args.dtype))
+    text = spec["config"].task == "text2img"
+    if text:
+        spec = dict(spec, cond_model=None)  # the context is an input, as in the peer
+    task = ldm_step.LDMTask(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"],
+                            task=spec["config"].task, alphas_cumprod=spec["schedule"].alphas_cumprod,
+                            cond_trainable=True, cond_drop_prob=0.0, ema_max_decay=0.9999, use_ema=True)
+    tx = optax.adamw(1e-4, weight_decay=0.01)
+    state = jax.jit(_init_fn(spec, task, tx, cfg))(jax.random.key(0))
+    ucfg = spec["unet"].config
+    hw, c = cfg.model.image_size, ucfg.in_channels
+    keys = jax.random.split(jax.random.key(1), 3)
+    # cached first-stage output: VQ latents, or KL posterior moments (mean | logvar)
+    data = {"moments": jax.random.normal(keys[0], (batch, hw, hw, c if _is_vq(spec) else 2 * c))}
+    if text:
+        data["context"] = jax.random.normal(keys[1], (batch, 77, ucfg.context_dim), jnp.float32)
+    else:
+        data["class_label"] = jax.random.randint(keys[1], (batch,), 0, 1000)
+    step = jax.jit(lambda s, b, r: ldm_step.train_step(task, tx, 1, s, {"vae": None}, b, r),
+                   donate_argnums=(0,))
+    compiled = step.lower(state, data, keys[2]).compile()
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], data, keys[2])
+        jax.block_until_ready(metrics["loss"])
+
+    seconds = _median_time(run, args.warmup, args.reps)
+    flops = _flops(compiled)
+    params = sum(x.size for x in jax.tree_util.tree_leaves(holder[0].params))
+    return dict(batch=batch, params_M=round(params / 1e6, 1), step_s=round(seconds, 4),
+                img_per_s=round(batch / seconds, 1), **_mfu(flops, seconds, args))
+
+
+def _is_vq(spec):
+    from latentdiff.models.autoencoder import VQModel
+
+    return isinstance(spec["vae"], VQModel)
+
+
+def _mfu(flops, seconds, args):
+    if flops is None:
+        return {}
+    return dict(tflops_per_s=round(flops / seconds / 1e12, 1),
+                mfu=round(flops / seconds / (args.peak_tflops * 1e12), 3))
+
+
+def train_autoencoder_case(batch, args):
+    """Img/s of the autoencoder loop's step (L1 + LPIPS + KL, then the discriminator update)."""
+    import jax
+    import optax
+
+    from latentdiff.losses.discriminator import NLayerDiscriminator
+    from latentdiff.losses.lpips import LPIPS
+    from latentdiff.training.autoencoder_loop import AEState, build_autoencoder, make_step
+
+    cfg = importlib.import_module("configs.kl_f8").get_config()
+    dtype = _dtype(args.dtype)
+    size = 256
+    if args.smoke:
+        cfg.model.ddconfig.update(dict(ch=32, ch_mult=(1, 1, 1, 1), resolution=32))
+        size = 32
+    loss = cfg.model.loss
+    loss.disc_start = 0  # the GAN half runs, as after disc_start in the paper
+    ae, lpips = build_autoencoder(cfg.model, dtype), LPIPS(dtype=dtype)
+    disc = NLayerDiscriminator(n_layers=int(loss.disc_num_layers), dtype=dtype)
+    tx, disc_tx = optax.adam(4.5e-6, b1=0.5, b2=0.9), optax.adam(4.5e-6, b1=0.5, b2=0.9)
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.uniform(k[0], (batch, size, size, 3), minval=-1.0, maxval=1.0)
+
+    def init(rng):
+        params = ae.init({"params": rng, "sample": rng}, x[:1])["params"]
+        dvars = disc.init(rng, x[:1], train=False)
+        return AEState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
+                       disc_params=dvars["params"], disc_stats=dvars["batch_stats"],
+                       disc_opt_state=disc_tx.init(dvars["params"]))
+
+    state = jax.jit(init)(k[1])
+    lpips_params = jax.jit(lpips.init)(k[2], x[:1], x[:1])["params"]  # random weights: speed only
+    step = jax.jit(make_step(ae, disc, lpips, loss, tx, disc_tx), donate_argnums=(0,))
+    compiled = step.lower(state, lpips_params, x, k[3]).compile()
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], lpips_params, x, k[3])
+        jax.block_until_ready(jax.tree_util.tree_leaves(metrics))
+
+    seconds = _median_time(run, args.warmup, args.reps)
+    return dict(batch=batch, size=size, step_s=round(seconds, 4), img_per_s=round(batch / seconds, 1),
+                **_mfu(_flops(compiled), seconds, args))
+
+
+def _txt2img_pipeline(args, dtype):
+    import jax
+
+    from latentdiff.convert import loaders
+    from latentdiff.models.tokenizer import BertTokenizer
+    from latentdiff.pipeline import LatentDiffusionPipeline
+    from latentdiff.training.loop import compvis_params
+
+    cfg = _config("txt2img_1p4b", args.smoke, remat=False)
+    spec = loaders.build_ldm(compvis_params(cfg.model), dtype)
+    k = jax.random.split(jax.random.key(0), 3)
+    size = 2 ** (len(spec["unet"].config.channel_mult) - 1)
+    params = jax.jit(lambda k: {
+        "unet": spec["unet"].init(k[0], *loaders.unet_example(spec["unet"], size))["params"],
+        "vae": spec["vae"].init({"params": k[1], "sample": k[1]},
+                                jax.numpy.zeros((1, 8 * size, 8 * size, 3)))["params"],
+        "cond": spec["cond_model"].init(k[2], *loaders.cond_example(spec["cond_model"]))["params"]})(k)
+    # random weights, all of them non-zero (the zero-initialised output convs would make the UNet
+    # predict 0 and the sampler trivial)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    noise = jax.random.split(jax.random.key(9), len(leaves))
+    params = jax.tree_util.tree_unflatten(treedef, [
+        a + 0.02 * jax.random.normal(n, a.shape, a.dtype) for a, n in zip(leaves, noise)])
+    if args.param_dtype == "bfloat16":
+        params = jax.tree_util.tree_map(lambda a: a.astype(jax.numpy.bfloat16), params)
+    vocab = os.path.join(ROOT, "configs", "shapes_vocab.txt")
+    return LatentDiffusionPipeline(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"],
+                                   schedule=spec["schedule"], config=spec["config"], params=params,
+                                   tokenizer=BertTokenizer(vocab))
+
+
+def sample_case(batch, args):
+    """Images/s and latency of 50 DDIM steps with guidance 6, text encoding and decoding included."""
+    import jax
+
+    pipe = _txt2img_pipeline(args, _dtype(args.dtype))
+    prompts = ["a red circle at the top left"] * batch
+    rng = jax.random.key(0)
+    seconds = _median_time(lambda: pipe(prompts, rng=rng, num_inference_steps=args.steps, guidance_scale=6.0),
+                           args.warmup, args.reps)
+    return dict(batch=batch, steps=args.steps, total_s=round(seconds, 4), img_per_s=round(batch / seconds, 2))
+
+
+def bf16_check_case(args):
+    """Relative error of bf16 against fp32 on the same inputs and weights."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    pipes = {d: _txt2img_pipeline(argparse.Namespace(**{**vars(args), "param_dtype": "float32"}), _dtype(d))
+             for d in ("float32", "bfloat16")}
+    p32, p16 = pipes["float32"], pipes["bfloat16"]
+    unet_params = p32.params["unet"]
+    size = p32.config.latent_size if not args.smoke else 8
+    k = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(k[0], (4, size, size, 4))
+    t = jnp.array([10, 250, 500, 900])
+    ctx = jax.random.normal(k[1], (4, 77, p32.unet.config.context_dim))
+    outs = {d: jax.jit(p.unet.apply)({"params": unet_params}, x, t, ctx).astype(jnp.float32)
+            for d, p in pipes.items()}
+    images = {d: p(["a red circle at the top left"], rng=k[2], num_inference_steps=args.steps,
+                   guidance_scale=6.0, output_type="float") for d, p in pipes.items()}
+    return dict(unet_rel_err=rel(outs["bfloat16"], outs["float32"]),
+                image_rel_err=rel(images["bfloat16"], images["float32"]))
+
+
+def peer_case(which, args):
+    """The diffusers peer (`--peer`: the reference peer_torch.py) with torch's peak memory."""
+    import io
+    import contextlib
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("peer_torch", args.peer)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    rows = []
+    for compiled in (False, True):
+        torch.cuda.reset_peak_memory_stats()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            if which == "peer_train":
+                peer.bench_train(64, compiled)
+            else:
+                peer.bench_sample(1 if which == "peer_sample_b1" else 16, compiled)
+        row = json.loads(out.getvalue().strip().splitlines()[-1])
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        rows.append(row)
+    return dict(eager=rows[0], compiled=rows[1], torch=torch.__version__)
+
+
+def run_case(name, args):
+    import jax
+
+    if name in PEER_CASES:
+        return peer_case(name, args)
+    if name == "train_txt2img":
+        out = train_ldm_case("txt2img_1p4b", 2 if args.smoke else 64, args)
+    elif name == "train_cin256":
+        out = train_ldm_case("cin256_v2", 2 if args.smoke else 64, args)
+    elif name == "train_kl_f8":
+        out = train_autoencoder_case(2 if args.smoke else 8, args)
+    elif name.startswith("sample_b"):
+        out = sample_case(int(name[len("sample_b"):]), args)
+    elif name == "bf16_check":
+        out = bf16_check_case(args)
+    else:
+        raise SystemExit(f"unknown case {name!r}; one of {CASES + PEER_CASES}")
+    out["peak_mem_gib"] = _peak_memory_gib()
+    out.update(device=jax.devices()[0].device_kind, jax=jax.__version__, dtype=args.dtype)
+    return out
+
+
+def table(rows):
+    """Markdown: one line per case, with the peer's compiled figure and the ratio where there is one."""
+    peer = {r["case"]: r for r in rows if r["case"] in PEER_CASES and "error" not in r}
+    match = {"train_txt2img": ("peer_train", "img_per_s"), "sample_b16": ("peer_sample_b16", "img_per_s"),
+             "sample_b1": ("peer_sample_b1", "total_s")}
+    lines = ["| case | ours | peak GiB | MFU | peer eager | peer compiled | peer GiB | ours / compiled |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["case"] in PEER_CASES:
+            continue
+        if "error" in r:
+            lines.append(f"| {r['case']} | error: {r['error']} |  |  |  |  |  |  |")
+            continue
+        if r["case"] == "bf16_check":
+            lines.append(f"| bf16_check | UNet rel err {r['unet_rel_err']:.2e}, image rel err "
+                         f"{r['image_rel_err']:.2e} |  |  |  |  |  |  |")
+            continue
+        key = "total_s" if r["case"] == "sample_b1" else "img_per_s"
+        unit = " s" if key == "total_s" else " img/s"
+        cells = [f"{r[key]}{unit}", str(r.get("peak_mem_gib")), str(r.get("mfu", ""))]
+        p = peer.get(match.get(r["case"], ("",))[0])
+        if p:
+            e, c = p["eager"], p["compiled"]
+            ratio = c[key] / r[key] if key == "total_s" else r[key] / c[key]
+            cells += [f"{e[key]}{unit}", f"{c[key]}{unit}", str(c["peak_mem_gib"]), f"{ratio:.2f}x"]
+        else:
+            cells += ["", "", "", ""]
+        lines.append(f"| {r['case']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--peer", default="", help="path of the diffusers peer script (peer_torch.py)")
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU, 2 repeats")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
+    ap.add_argument("--param_dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="sampling weights (training keeps fp32 master weights)")
+    ap.add_argument("--remat", action="store_true", help="activation checkpointing in the UNet")
+    ap.add_argument("--steps", type=int, default=50, help="sampling steps")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for MFU")
+    ap.add_argument("--out", default="", help="append the JSON lines here")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one case here
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.warmup, args.reps, args.steps = 1, 2, 5
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.one:
+        print(json.dumps({"case": args.one, **run_case(args.one, args)}), flush=True)
+        return 0
+    cases = [c for c in args.cases.split(",") if c]
+    if args.peer:
+        cases += [c for c in PEER_CASES if c not in cases]
+    rows = []
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith(("--cases", "--out"))]
+    for case in cases:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", case] + passthrough,
+                              capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith('{"case"')]
+        row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
+            {"case": case, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(table(rows))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
