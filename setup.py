@@ -29,6 +29,6 @@ setup(
         "tfds": ["tensorflow-datasets"],  # reading prepared datasets; preparing some needs tensorflow-cpu
         "grain": ["grain"],  # ArrayRecord data
         "tensorboard": ["tensorboardX"],
-        "test": ["pytest", "torch", "diffusers", "transformers", "grain"],
+        "test": ["pytest", "pytest-xdist", "torch", "diffusers", "transformers", "grain"],
     },
 )
