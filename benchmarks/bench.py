@@ -166,7 +166,7 @@ def _mfu(flops, seconds, args, model=None, batch=None):
     per_s = flops / seconds
     if model in TRAIN_GFLOP_PER_IMAGE and not args.smoke:
         per_s = TRAIN_GFLOP_PER_IMAGE[model] * 1e9 * batch / seconds
-    return dict(tflops_per_s=round(per_s / 1e12, 1), mfu=round(per_s / (args.peak_tflops * 1e12), 3))
+    return dict(tflops_per_s=float(f"{per_s / 1e12:.3g}"), mfu=float(f"{per_s / (args.peak_tflops * 1e12):.3g}"))
 
 
 def train_autoencoder_case(batch, args):
