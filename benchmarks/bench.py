@@ -20,6 +20,7 @@ The real code paths run: `ldm_step.train_step` (AdamW, EMA, finite guard), the a
 step, and `LatentDiffusionPipeline.__call__` (tokenising, device transfer and the uint8 images).
 """
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -176,7 +177,7 @@ def train_autoencoder_case(batch, args):
 
     from latentdiff.losses.discriminator import NLayerDiscriminator
     from latentdiff.losses.lpips import LPIPS
-    from latentdiff.training.autoencoder_loop import AEState, build_autoencoder, make_step
+    from latentdiff.training.autoencoder_loop import build_autoencoder, init_state, make_step
 
     cfg = importlib.import_module("configs.kl_f8").get_config()
     dtype = _dtype(args.dtype)
@@ -192,14 +193,7 @@ def train_autoencoder_case(batch, args):
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.uniform(k[0], (batch, size, size, 3), minval=-1.0, maxval=1.0)
 
-    def init(rng):
-        params = ae.init({"params": rng, "sample": rng}, x[:1])["params"]
-        dvars = disc.init(rng, x[:1], train=False)
-        return AEState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
-                       disc_params=dvars["params"], disc_stats=dvars["batch_stats"],
-                       disc_opt_state=disc_tx.init(dvars["params"]))
-
-    state = jax.jit(init)(k[1])
+    state = jax.jit(functools.partial(init_state, ae, disc, tx, disc_tx, size))(k[1])
     lpips_params = jax.jit(lpips.init)(k[2], x[:1], x[:1])["params"]  # random weights: speed only
     step = jax.jit(make_step(ae, disc, lpips, loss, tx, disc_tx), donate_argnums=(0,))
     t0 = time.perf_counter()

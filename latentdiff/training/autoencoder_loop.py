@@ -3,6 +3,7 @@
 Each step updates the autoencoder (Adam, betas 0.5/0.9), then the discriminator on the same batch
 with the updated autoencoder's reconstructions, as the paper's two Lightning optimizers do.
 """
+import functools
 import json
 import os
 import time
@@ -41,6 +42,17 @@ def build_autoencoder(model, dtype=jnp.float32):
     if ae.kind != model.target:
         raise ValueError(f"model.target '{model.target}' does not fit n_embed={model.n_embed} / double_z")
     return make_autoencoder(ae, dtype=dtype)
+
+
+def init_state(ae, disc, tx, disc_tx, size, rng):
+    """A fresh AEState: autoencoder and discriminator parameters with their optimizer states."""
+    k1, k2 = jax.random.split(rng)
+    x = jnp.zeros((1, size, size, ae.config.in_channels))
+    params = ae.init({"params": k1, "sample": k1}, x)["params"]
+    dvars = disc.init(k2, x, train=False)
+    return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                   disc_params=dvars["params"], disc_stats=dvars["batch_stats"],
+                   disc_opt_state=disc_tx.init(dvars["params"]))
 
 
 def make_step(ae, disc, lpips, loss_cfg, tx, disc_tx):
@@ -148,15 +160,7 @@ def train_autoencoder(config, workdir):
     disc_tx = optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2)
     size = int(config.data.size)
 
-    def init(rng):
-        k1, k2 = jax.random.split(rng)
-        x = jnp.zeros((1, size, size, ae.config.in_channels))
-        params = ae.init({"params": k1, "sample": k1}, x)["params"]
-        dvars = disc.init(k2, x, train=False)
-        return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                       disc_params=dvars["params"], disc_stats=dvars["batch_stats"],
-                       disc_opt_state=disc_tx.init(dvars["params"]))
-
+    init = functools.partial(init_state, ae, disc, tx, disc_tx, size)
     rng = jax.random.key(config.seed)
     abstract = jax.eval_shape(init, rng)
     shardings = parallel.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
