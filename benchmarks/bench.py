@@ -210,29 +210,44 @@ def train_autoencoder_case(batch, args):
                 **_mfu(_flops(compiled), seconds, args))
 
 
+@functools.lru_cache(maxsize=None)
+def _txt2img_spec(smoke, dtype):
+    from latentdiff.convert import loaders
+    from latentdiff.training.loop import compvis_params
+
+    return loaders.build_ldm(compvis_params(_config("txt2img_1p4b", smoke, remat=False).model), dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _random_params(smoke):
+    """fp32 random weights of the txt2img model, all of them non-zero (the zero-initialised output
+    convs would make the UNet predict 0 and the sampler trivial). Shared by the cases of one process."""
+    import jax
+    import jax.flatten_util
+
+    from latentdiff.convert import loaders
+
+    spec = _txt2img_spec(smoke, jax.numpy.float32)
+    size = 2 ** (len(spec["unet"].config.channel_mult) - 1)
+
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {  # one program per model: XLA compiles three small programs faster than one large
+        "unet": jax.jit(spec["unet"].init)(k[0], *loaders.unet_example(spec["unet"], size))["params"],
+        "vae": jax.jit(spec["vae"].init)({"params": k[1], "sample": k[1]},
+                                         jax.numpy.zeros((1, 8 * size, 8 * size, 3)))["params"],
+        "cond": jax.jit(spec["cond_model"].init)(k[2], *loaders.cond_example(spec["cond_model"]))["params"]}
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    return jax.jit(lambda f, k: unravel(f + 0.02 * jax.random.normal(k, f.shape, f.dtype)))(flat, k[3])
+
+
 def _txt2img_pipeline(args, dtype):
     import jax
 
-    from latentdiff.convert import loaders
     from latentdiff.models.tokenizer import BertTokenizer
     from latentdiff.pipeline import LatentDiffusionPipeline
-    from latentdiff.training.loop import compvis_params
 
-    cfg = _config("txt2img_1p4b", args.smoke, remat=False)
-    spec = loaders.build_ldm(compvis_params(cfg.model), dtype)
-    k = jax.random.split(jax.random.key(0), 3)
-    size = 2 ** (len(spec["unet"].config.channel_mult) - 1)
-    params = jax.jit(lambda k: {
-        "unet": spec["unet"].init(k[0], *loaders.unet_example(spec["unet"], size))["params"],
-        "vae": spec["vae"].init({"params": k[1], "sample": k[1]},
-                                jax.numpy.zeros((1, 8 * size, 8 * size, 3)))["params"],
-        "cond": spec["cond_model"].init(k[2], *loaders.cond_example(spec["cond_model"]))["params"]})(k)
-    # random weights, all of them non-zero (the zero-initialised output convs would make the UNet
-    # predict 0 and the sampler trivial)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    noise = jax.random.split(jax.random.key(9), len(leaves))
-    params = jax.tree_util.tree_unflatten(treedef, [
-        a + 0.02 * jax.random.normal(n, a.shape, a.dtype) for a, n in zip(leaves, noise)])
+    spec = _txt2img_spec(args.smoke, dtype)
+    params = _random_params(args.smoke)
     if args.param_dtype == "bfloat16":
         params = jax.tree_util.tree_map(lambda a: a.astype(jax.numpy.bfloat16), params)
     vocab = os.path.join(ROOT, "configs", "shapes_vocab.txt")
@@ -359,6 +374,25 @@ def table(rows):
     return "\n".join(lines)
 
 
+def _subprocess_row(case, passthrough):
+    """One case in its own process, so that its peak memory is its own."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", case] + passthrough,
+                          capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"case"')]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    return {"case": case, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+
+
+def _smoke_row(case, args):
+    """Smoke mode runs every case in this process (no memory to measure on the CPU; the random
+    weights are made once)."""
+    try:
+        return {"case": case, **run_case(case, args)}
+    except (Exception, SystemExit) as e:  # a broken case is a row, as in a subprocess
+        return {"case": case, "error": f"{type(e).__name__}: {e}"[:200]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default=",".join(CASES))
@@ -387,11 +421,7 @@ def main(argv=None):
     rows = []
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith(("--cases", "--out"))]
     for case in cases:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", case] + passthrough,
-                              capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith('{"case"')]
-        row = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
-            {"case": case, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+        row = _smoke_row(case, args) if args.smoke else _subprocess_row(case, passthrough)
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.out:
