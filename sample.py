@@ -23,6 +23,9 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from latentdiff.sampling import UserInputError, run
+    from latentdiff.runtime import enable_compile_cache
+
+    enable_compile_cache()
 
     try:
         paths = run(FLAGS.config)

@@ -23,6 +23,10 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     from latentdiff.training import train_and_evaluate
+    from latentdiff.runtime import enable_compile_cache, initialize_distributed
+
+    initialize_distributed(FLAGS.config.get("distributed"))
+    enable_compile_cache()
 
     workdir = FLAGS.workdir or f"workdir/{FLAGS.config.name or FLAGS.config.stage}"
     train_and_evaluate(FLAGS.config, workdir)

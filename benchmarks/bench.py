@@ -7,8 +7,10 @@
 
 Each case runs in its own process (so its peak memory is its own) and prints one JSON line; the
 driver collects them into `--out` (JSON lines) and prints a markdown table. Timings are medians
-over `--reps` after warm-up; MFU counts the FLOPs XLA reports for the compiled step against
-`--peak_tflops` (dense bf16 of an H100/H200 by default). Cases:
+over `--reps` after warm-up, each step waited for as the peer does; LDM training also reports
+`pipelined_img_per_s`, steps dispatched back to back as the training loop runs them. MFU uses the
+reference FLOP counts for the full-size UNets and XLA's count otherwise, against `--peak_tflops`
+(dense bf16 of an H100/H200 by default). Cases:
 
   train_txt2img   the txt2img UNet (872M; 32x32x4 latents, 77x1280 context given), batch 64
   train_cin256    the cin256-v2 UNet (401M; 64x64x3 latents, one head, class labels), batch 64
@@ -106,7 +108,8 @@ def train_ldm_case(name, batch, args):
 
     from latentdiff.convert import loaders
     from latentdiff.training import ldm_step
-    from latentdiff.training.loop import _init_fn, compvis_params
+    from latentdiff import parallel
+    from latentdiff.training.loop import _init_fns, compvis_params, init_train_state
 
     cfg = _config(name, args.smoke, args.remat)
     spec = loaders.build_ldm(compvis_params(cfg.model), _dtype(args.dtype))
@@ -118,7 +121,10 @@ def train_ldm_case(name, batch, args):
                             cond_trainable=True, cond_drop_prob=0.0, ema_max_decay=0.9999, use_ema=True)
     tx = optax.adamw(1e-4, weight_decay=0.01)
     _note("building the train state")
-    state = jax.jit(_init_fn(spec, task, tx, cfg))(jax.random.key(0))
+    init_params, make_state = _init_fns(spec, task, tx, cfg)
+    shardings = parallel.tree_shardings(jax.eval_shape(lambda r: make_state(init_params(r)), jax.random.key(0)),
+                                        parallel.make_mesh())
+    state = init_train_state(init_params, make_state, jax.random.key(0), shardings)
     jax.block_until_ready(state)
     _note("state ready; compiling the step")
     ucfg = spec["unet"].config
@@ -142,10 +148,16 @@ def train_ldm_case(name, batch, args):
         jax.block_until_ready(metrics["loss"])
 
     seconds = _median_time(run, args.warmup, args.reps)
+    t0 = time.perf_counter()  # as the training loop runs: the next step dispatched before this one ends
+    for _ in range(args.reps):
+        holder[0], metrics = compiled(holder[0], data, keys[2])
+    jax.block_until_ready(metrics["loss"])
+    pipelined = (time.perf_counter() - t0) / args.reps
     flops = _flops(compiled)
     params = sum(x.size for x in jax.tree_util.tree_leaves(holder[0].params))
     return dict(batch=batch, params_M=round(params / 1e6, 1), step_s=round(seconds, 4),
-                img_per_s=round(batch / seconds, 1), **_mfu(flops, seconds, args, name, batch))
+                img_per_s=round(batch / seconds, 1), pipelined_img_per_s=round(batch / pipelined, 1),
+                **_mfu(flops, seconds, args, name, batch))
 
 
 def _is_vq(spec):
@@ -177,7 +189,8 @@ def train_autoencoder_case(batch, args):
 
     from latentdiff.losses.discriminator import NLayerDiscriminator
     from latentdiff.losses.lpips import LPIPS
-    from latentdiff.training.autoencoder_loop import build_autoencoder, init_state, make_step
+    from latentdiff import parallel
+    from latentdiff.training.autoencoder_loop import abstract_state, build_autoencoder, init_state, make_step
 
     cfg = importlib.import_module("configs.kl_f8").get_config()
     dtype = _dtype(args.dtype)
@@ -193,7 +206,8 @@ def train_autoencoder_case(batch, args):
     k = jax.random.split(jax.random.key(0), 4)
     x = jax.random.uniform(k[0], (batch, size, size, 3), minval=-1.0, maxval=1.0)
 
-    state = jax.jit(functools.partial(init_state, ae, disc, tx, disc_tx, size))(k[1])
+    shardings = parallel.tree_shardings(abstract_state(ae, disc, tx, disc_tx, size, k[1]), parallel.make_mesh())
+    state = init_state(ae, disc, tx, disc_tx, size, k[1], shardings)
     lpips_params = jax.jit(lpips.init)(k[2], x[:1], x[:1])["params"]  # random weights: speed only
     step = jax.jit(make_step(ae, disc, lpips, loss, tx, disc_tx), donate_argnums=(0,))
     t0 = time.perf_counter()
@@ -225,19 +239,23 @@ def _random_params(smoke):
     import jax
     import jax.flatten_util
 
+    from latentdiff import parallel
     from latentdiff.convert import loaders
 
     spec = _txt2img_spec(smoke, jax.numpy.float32)
     size = 2 ** (len(spec["unet"].config.channel_mult) - 1)
 
-    k = jax.random.split(jax.random.key(0), 4)
-    params = {  # one program per model: XLA compiles three small programs faster than one large
-        "unet": jax.jit(spec["unet"].init)(k[0], *loaders.unet_example(spec["unet"], size))["params"],
-        "vae": jax.jit(spec["vae"].init)({"params": k[1], "sample": k[1]},
-                                         jax.numpy.zeros((1, 8 * size, 8 * size, 3)))["params"],
-        "cond": jax.jit(spec["cond_model"].init)(k[2], *loaders.cond_example(spec["cond_model"]))["params"]}
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    return jax.jit(lambda f, k: unravel(f + 0.02 * jax.random.normal(k, f.shape, f.dtype)))(flat, k[3])
+    def init(k):
+        k = jax.random.split(k, 4)
+        params = {
+            "unet": spec["unet"].init(k[0], *loaders.unet_example(spec["unet"], size))["params"],
+            "vae": spec["vae"].init({"params": k[1], "sample": k[1]},
+                                    jax.numpy.zeros((1, 8 * size, 8 * size, 3)))["params"],
+            "cond": spec["cond_model"].init(k[2], *loaders.cond_example(spec["cond_model"]))["params"]}
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+        return unravel(flat + 0.02 * jax.random.normal(k[3], flat.shape, flat.dtype))
+
+    return parallel.host_init(init, jax.random.key(0), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def _txt2img_pipeline(args, dtype):
@@ -413,6 +431,9 @@ def main(argv=None):
         args.warmup, args.reps, args.steps = 1, 2, 5
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.one:
+        from latentdiff.runtime import enable_compile_cache
+
+        enable_compile_cache()  # a re-run skips compiling and autotuning (compile times are not measured)
         print(json.dumps({"case": args.one, **run_case(args.one, args)}), flush=True)
         return 0
     cases = [c for c in args.cases.split(",") if c]

@@ -47,6 +47,7 @@ def get_config():
         steps=500_000, dtype="float32", log_every=50, ckpt_every=5000, max_to_keep=3,
         sample_every=5000))
     c.mesh = base_ldm.get_config().mesh
+    c.distributed = base_ldm.get_config().distributed
     return c
 
 

@@ -50,6 +50,10 @@ def get_config():
         max_to_keep=3, sample_every=5000, num_sample=8, sample_steps=50, guidance_scale=1.0,
         sample_prompts=("",), sample_labels=(0,)))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2 ** 16))
+    # several processes (hosts): latentdiff.runtime.initialize_distributed; "auto" also joins a
+    # detected SLURM / Open MPI / multi-host TPU job
+    c.distributed = ml_collections.ConfigDict(dict(mode="auto", coordinator_address="", num_processes=0,
+                                                   process_id=-1))
     # The end-of-run report on the built-in `shapes` data (latentdiff.training.report): samples at
     # these guidance scales (none: no report), samples_per_condition each, `steps` of `sampler`.
     c.evaluate = ml_collections.ConfigDict(dict(guidance_scales=(), samples_per_condition=8, steps=25,

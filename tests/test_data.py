@@ -293,3 +293,13 @@ def test_tfds_source(tmp_path):
         TFDSSource("tiny", "train", str(tmp_path), caption_key="caption")
     with pytest.raises(ValueError, match="cannot open TFDS dataset 'absent'"):
         TFDSSource("absent", "train", str(tmp_path))
+
+
+def test_global_batches_do_not_depend_on_the_process_count(flat):
+    source = ImageFolder(flat)
+    one = [b["index"] for b in _loader(source, 6, num_epochs=1, seed=3)]
+    two = [[b["index"] for b in _loader(source, 3, process_index=p, process_count=2, num_epochs=1, seed=3)]
+           for p in range(2)]
+    assert len(one) == len(two[0]) == 2
+    for k, batch in enumerate(one):
+        np.testing.assert_array_equal(np.concatenate([two[0][k], two[1][k]]), batch)

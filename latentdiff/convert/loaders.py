@@ -292,8 +292,6 @@ def _tokenizer_beside(*paths):
 # ---------------------------------------------------------------------------- our own format
 def save(pipe, path):
     """Write configs as JSON and parameters with orbax, plus the tokenizer's vocab.txt."""
-    import orbax.checkpoint as ocp
-
     os.makedirs(path, exist_ok=True)
     cond = None
     if pipe.cond_model is not None:
@@ -306,11 +304,21 @@ def save(pipe, path):
         json.dump(meta, f, indent=1)
     if pipe.tokenizer is not None:
         pipe.tokenizer.save_vocab(os.path.join(path, "vocab.txt"))
-    target = os.path.abspath(os.path.join(path, "params"))
+    write_params(os.path.join(path, "params"), pipe.params)
+
+
+def write_params(target, params):
+    """Parameters as an orbax checkpoint at `target` (replaced if there), written by this process
+    alone: in a multi-process run, process 0 exports the host copies it gathered."""
+    import orbax.checkpoint as ocp
+
+    target = os.path.abspath(target)
     if os.path.exists(target):
         shutil.rmtree(target)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, jax.device_get(pipe.params))
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
+    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
+        ckptr.save(target, jax.device_get(params))
 
 
 def _fields(obj):

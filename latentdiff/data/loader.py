@@ -1,8 +1,10 @@
 """A deterministic, resumable, per-process batch iterator over a random-access source.
 
-Epoch e visits `permutation(seed, e)` of the source; process p of P takes the p-th of P equal,
-disjoint blocks of it (the last `len % P` examples of each permutation are left out). Batches are
-cut from that block in order; a batch that the block cannot fill is dropped (`drop_remainder`).
+Epoch e visits `permutation(seed, e)` of the source, cut into global batches of P x b examples
+(P processes, b per process); process p takes the p-th b of each, so the global batches, in order,
+are the same for any process count (the last `len % P` examples of each permutation are left
+out; what no full global batch holds is split into P equal parts). A batch that a process's share
+cannot fill is dropped (`drop_remainder`).
 Every example's augmentation is drawn from (seed, epoch, index), so a loader restored with
 `set_state(get_state())` yields bit-identical batches, whatever `num_workers` is.
 """
@@ -142,8 +144,11 @@ class Loader:
                 order = rng.permutation(self.num_examples)
             else:
                 order = np.arange(self.num_examples)
-            start = self.process_index * self.share
-            self._order = order[start:start + self.share]
+            p, n, b = self.process_index, self.process_count, self.batch_size
+            full = self.share // b  # global batches of n * b
+            rest = order[full * n * b:self.share * n]
+            self._order = np.concatenate([order[:full * n * b].reshape(full, n, b)[:, p].ravel(),
+                                          rest[p * (len(rest) // n):(p + 1) * (len(rest) // n)]])
         return self._order
 
     def _result(self, position):

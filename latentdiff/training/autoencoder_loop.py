@@ -44,15 +44,33 @@ def build_autoencoder(model, dtype=jnp.float32):
     return make_autoencoder(ae, dtype=dtype)
 
 
-def init_state(ae, disc, tx, disc_tx, size, rng):
-    """A fresh AEState: autoencoder and discriminator parameters with their optimizer states."""
+def init_variables(ae, disc, size, rng):
+    """Fresh autoencoder and discriminator variables."""
     k1, k2 = jax.random.split(rng)
     x = jnp.zeros((1, size, size, ae.config.in_channels))
-    params = ae.init({"params": k1, "sample": k1}, x)["params"]
     dvars = disc.init(k2, x, train=False)
-    return AEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                   disc_params=dvars["params"], disc_stats=dvars["batch_stats"],
-                   disc_opt_state=disc_tx.init(dvars["params"]))
+    return {"params": ae.init({"params": k1, "sample": k1}, x)["params"],
+            "disc_params": dvars["params"], "disc_stats": dvars["batch_stats"]}
+
+
+def state_from_variables(tx, disc_tx, v):
+    """An AEState at step 0 with fresh optimizer states for the given variables."""
+    return AEState(step=jnp.zeros((), jnp.int32), params=v["params"], opt_state=tx.init(v["params"]),
+                   disc_params=v["disc_params"], disc_stats=v["disc_stats"],
+                   disc_opt_state=disc_tx.init(v["disc_params"]))
+
+
+def abstract_state(ae, disc, tx, disc_tx, size, rng):
+    """The shapes and dtypes of a fresh AEState (for shardings and checkpoint restore)."""
+    return jax.eval_shape(lambda r: state_from_variables(tx, disc_tx, init_variables(ae, disc, size, r)), rng)
+
+
+def init_state(ae, disc, tx, disc_tx, size, rng, shardings):
+    """A fresh AEState on `shardings`: variables drawn on the host (`parallel.host_init`), the
+    optimizer states built from them on the devices."""
+    v = parallel.host_init(functools.partial(init_variables, ae, disc, size), rng,
+                           {k: getattr(shardings, k) for k in ("params", "disc_params", "disc_stats")})
+    return jax.jit(functools.partial(state_from_variables, tx, disc_tx), out_shardings=shardings)(v)
 
 
 def make_step(ae, disc, lpips, loss_cfg, tx, disc_tx):
@@ -160,16 +178,15 @@ def train_autoencoder(config, workdir):
     disc_tx = optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2)
     size = int(config.data.size)
 
-    init = functools.partial(init_state, ae, disc, tx, disc_tx, size)
     rng = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, rng)
+    abstract = abstract_state(ae, disc, tx, disc_tx, size, rng)
     shardings = parallel.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    state = jax.jit(init, out_shardings=shardings)(rng)
     lpips_params = jax.device_put(lpips_params, parallel.replicated(mesh))
     loader = make_dataset(data_config(config.data), jax.process_index(), jax.process_count(), config.seed)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep)
-    restored = resume(ckpt, abstract, shardings, loader, workdir)
-    state = state if restored is None else restored
+    state = resume(ckpt, abstract, shardings, loader, workdir)
+    if state is None:
+        state = init_state(ae, disc, tx, disc_tx, size, rng, shardings)
     step_fn = jax.jit(make_step(ae, disc, lpips, loss_cfg, tx, disc_tx),
                       in_shardings=(shardings, parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
                       out_shardings=(shardings, None), donate_argnums=(0,))
@@ -178,9 +195,12 @@ def train_autoencoder(config, workdir):
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     bar, stop = progress(step, total, jax.process_index() == 0), _Stop()
     t0, imgs, metrics, x = time.perf_counter(), 0, None, None
+    first = step
     try:
         while step < total:
             x = parallel.to_global(next(loader)["image"], mesh)
+            if step == first:
+                step_fn = parallel.compile_together(step_fn, state, lpips_params, x, rng)
             state, metrics = step_fn(state, lpips_params, x, rng)
             step += 1
             imgs += config.data.batch_size
@@ -194,8 +214,10 @@ def train_autoencoder(config, workdir):
                 bar.set(step, float(metrics["loss"]), rate)
             if step % config.train.ckpt_every == 0 or step == total or stop.requested:
                 ckpt.save(step, state, loader.get_state(), {"skipped_images": loader.skipped})
-            if config.train.sample_every and step % config.train.sample_every == 0 and jax.process_index() == 0:
-                save_reconstructions(ae, state.params, x, os.path.join(workdir, "samples", f"recon_{step:08d}.png"))
+            if config.train.sample_every and step % config.train.sample_every == 0:
+                host = parallel.to_host((state.params, x))  # every process takes part
+                if jax.process_index() == 0:
+                    save_reconstructions(ae, *host, os.path.join(workdir, "samples", f"recon_{step:08d}.png"))
             if stop.requested:
                 print(f"SIGTERM: saved step {step}, exiting")
                 break
@@ -204,8 +226,10 @@ def train_autoencoder(config, workdir):
         bar.close()
         stop.restore()
         writer.close()
-    if step == total and jax.process_index() == 0:
-        export_autoencoder(workdir, config, state.params)
+    if step == total:
+        params = parallel.to_host(state.params)  # every process takes part
+        if jax.process_index() == 0:
+            export_autoencoder(workdir, config, params)
     summary = {"steps": step, "skipped_images": loader.skipped,
                "final_loss": None if metrics is None else float(metrics["loss"])}
     if jax.process_index() == 0:
@@ -227,16 +251,10 @@ def save_reconstructions(ae, params, x, path):
 
 def export_autoencoder(workdir, config, params):
     """`workdir/autoencoder/`: params (orbax) + config, what an LDM's first_stage_config.checkpoint reads."""
-    import orbax.checkpoint as ocp
+    from latentdiff.convert.loaders import write_params
 
     out = os.path.join(os.path.abspath(workdir), "autoencoder")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config.model.to_dict(), f, indent=1)
-    target = os.path.join(out, "params")
-    if os.path.exists(target):
-        import shutil
-
-        shutil.rmtree(target)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, jax.device_get(params))
+    write_params(os.path.join(out, "params"), params)

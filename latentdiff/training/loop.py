@@ -60,23 +60,33 @@ def _first_stage_params(config, vae, dtype):
     return loaders.load_first_stage(path, vae)
 
 
-def _init_fn(spec, task, tx, config):
-    """A function rng -> TrainState (UNet, trainable conditioning model, EMA, optimizer state)."""
+def _init_fns(spec, task, tx, config):
+    """(rng -> fresh trainable params, params -> TrainState with its EMA and optimizer state)."""
     unet, cond = spec["unet"], spec["cond_model"]
     latent = config.model.image_size
 
-    def init(rng):
+    def init_params(rng):
         k_unet, k_cond = jax.random.split(rng)
         x, t, ctx, y = loaders.unet_example(unet, latent)
         params = {"unet": unet.init(k_unet, x, t, ctx, y)["params"]}
         if cond is not None and task.cond_trainable:
             params["cond"] = cond.init(k_cond, *loaders.cond_example(cond))["params"]
+        return params
+
+    def make_state(params):
         ema = params["unet"] if task.use_ema else {}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=ema,
                           opt_state=tx.init(params),
                           scale_factor=jnp.asarray(config.model.scale_factor, jnp.float32))
 
-    return init
+    return init_params, make_state
+
+
+def init_train_state(init_params, make_state, rng, shardings):
+    """A fresh sharded state: parameters drawn on the host (`parallel.host_init`), the EMA and the
+    optimizer state built from them on the devices."""
+    params = parallel.host_init(init_params, rng, shardings.params)
+    return jax.jit(make_state, out_shardings=shardings)(params)
 
 
 def latent_cache(workdir, config, task, frozen, loader, mesh):
@@ -175,25 +185,24 @@ def train_ldm(config, workdir):
         frozen["cond"] = spec["cond_model"].init(jax.random.key(2), *loaders.cond_example(spec["cond_model"]))["params"]
     frozen = jax.device_put(frozen, parallel.replicated(mesh))
 
-    init = _init_fn(spec, task, tx, config)
-    abstract = jax.eval_shape(init, rng)
+    init_params, make_state = _init_fns(spec, task, tx, config)
+    abstract = jax.eval_shape(lambda r: make_state(init_params(r)), rng)
     state_sharding = parallel.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    state = jax.jit(init, out_shardings=state_sharding)(rng)
 
     loader = make_dataset(data_config(config.data), jax.process_index(), jax.process_count(), config.seed)
     if config.data.cache_latents:
         loader = latent_cache(workdir, config, task, frozen, loader, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep)
-    restored = resume(ckpt, abstract, state_sharding, loader, workdir)
-    if restored is not None:
-        state = restored
-    elif config.model.scale_by_std:
-        first = loader.get_state()
-        batch = parallel.to_global(_host_batch(next(loader), tokenizer, max_length), mesh)
-        loader.set_state(first)  # training starts with the same batch
-        scale = jax.jit(lambda v, b: ldm_step.latent_std(task, v, b, jax.random.key(3)))(frozen["vae"], batch)
-        state = state.replace(scale_factor=scale)
-        print(f"scale_factor set from the first batch: {float(scale):.5f}")
+    state = resume(ckpt, abstract, state_sharding, loader, workdir)
+    if state is None:
+        state = init_train_state(init_params, make_state, rng, state_sharding)
+        if config.model.scale_by_std:
+            first = loader.get_state()
+            batch = parallel.to_global(_host_batch(next(loader), tokenizer, max_length), mesh)
+            loader.set_state(first)  # training starts with the same batch
+            scale = jax.jit(lambda v, b: ldm_step.latent_std(task, v, b, jax.random.key(3)))(frozen["vae"], batch)
+            state = state.replace(scale_factor=scale)
+            print(f"scale_factor set from the first batch: {float(scale):.5f}")
 
     step_fn = jax.jit(
         lambda s, f, b, r: ldm_step.train_step(task, tx, config.optim.accumulate, s, f, b, r),
@@ -217,6 +226,8 @@ def _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, token
     try:
         while step < total:
             batch = parallel.to_global(_host_batch(next(loader), tokenizer, max_length), mesh)
+            if step == start:
+                step_fn = parallel.compile_together(step_fn, state, frozen, batch, rng)
             state, metrics = step_fn(state, frozen, batch, rng)
             step += 1
             imgs += config.data.batch_size
@@ -231,7 +242,7 @@ def _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, token
             if step % config.train.ckpt_every == 0 or step == total or stop.requested:
                 _check(pending, ckpt)
                 ckpt.save(step, state, loader.get_state(), {"skipped_images": loader.skipped})
-            if config.train.sample_every and step % config.train.sample_every == 0 and jax.process_index() == 0:
+            if config.train.sample_every and step % config.train.sample_every == 0:
                 write_samples(config, workdir, spec, state, frozen, tokenizer, step)
             if stop.requested:
                 print(f"SIGTERM: saved step {step}, exiting")
@@ -275,19 +286,22 @@ def pipeline_of(spec, state, frozen, tokenizer, use_ema=True):
         params["cond"] = state.params["cond"]
     elif "cond" in frozen:
         params["cond"] = frozen["cond"]
+    params = parallel.to_host(params)  # all processes take part; see write_samples / export_pipeline
     config = dataclasses.replace(spec["config"], scale_factor=float(jax.device_get(state.scale_factor)))
     unet = spec["unet"].clone(dtype=jnp.float32)
     return LatentDiffusionPipeline(unet=unet, vae=spec["vae"].clone(dtype=jnp.float32),
                                    cond_model=None if spec["cond_model"] is None else spec["cond_model"].clone(dtype=jnp.float32),
                                    tokenizer=tokenizer, schedule=spec["schedule"], config=config,
-                                   params=jax.device_get(params))
+                                   params=params)
 
 
 def write_samples(config, workdir, spec, state, frozen, tokenizer, step):
-    """A PNG grid of samples from the EMA weights."""
+    """A PNG grid of samples from the EMA weights (every process gathers them, process 0 samples)."""
     from latentdiff.training.logging import save_grid
 
     pipe = pipeline_of(spec, state, frozen, tokenizer)
+    if jax.process_index() != 0:
+        return None
     task = spec["config"].task
     kw = dict(rng=jax.random.key(step), num_inference_steps=config.train.sample_steps,
               guidance_scale=config.train.guidance_scale)
@@ -305,6 +319,8 @@ def write_samples(config, workdir, spec, state, frozen, tokenizer, step):
 
 
 def export_pipeline(workdir, spec, state, frozen, tokenizer):
-    """Write the trained model (EMA weights) in the format `from_pretrained(workdir)` reads."""
+    """Write the trained model (EMA weights) in the format `from_pretrained(workdir)` reads
+    (every process gathers them, process 0 writes)."""
+    pipe = pipeline_of(spec, state, frozen, tokenizer)
     if jax.process_index() == 0:
-        pipeline_of(spec, state, frozen, tokenizer).save_pretrained(os.path.join(workdir, "pipeline"))
+        pipe.save_pretrained(os.path.join(workdir, "pipeline"))
