@@ -34,3 +34,17 @@ def test_benchmark_reports_a_failing_case(tmp_path):
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
     assert proc.returncode == 1
     assert "unknown case 'no_such_case'" in proc.stdout
+
+
+def test_scaling_smoke_on_two_fake_devices():
+    rows = {}
+    for what in ("dp", "fsdp"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scaling.py"), what, "--smoke",
+                               "--reps=1"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[what] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    (dp,) = rows["dp"]
+    assert dp["devices"] == 2 and dp["one_img_per_s"] > 0 and dp["all_img_per_s"] > 0
+    by_mesh = {r["mesh"]: r for r in rows["fsdp"]}
+    # parameters, EMA and optimizer state sharded over 2 devices take less memory per device
+    assert by_mesh["data=1 fsdp=2"]["args_gib"] < by_mesh["data=2 fsdp=1"]["args_gib"]
