@@ -182,7 +182,7 @@ def test_discriminator_256px_patch_map_and_layout():
     out = jax.eval_shape(lambda v, x: disc.apply(v, x, mutable=["batch_stats"])[0],
                          variables, jnp.zeros((2, 256, 256, 3)))
     assert out.shape == (2, 30, 30, 1)
-    widths = {k: v["kernel"].shape[-1] for k, v in variables["params"].items() if "kernel" in v}
+    widths = {k: v["kernel"].shape[0] for k, v in variables["params"].items() if "kernel" in v}
     assert widths == {"main_0": 64, "main_2": 128, "main_5": 256, "main_8": 512, "main_11": 1}
     assert [k for k, v in variables["params"].items() if "bias" in v and "kernel" in v] == [
         "main_0", "main_11"]
@@ -254,13 +254,13 @@ def test_kl_generator_step_matches_torch():
     t_loss.backward()
 
     sd = {k: v.detach().numpy() for k, v in enc.state_dict().items()}
-    params = {"encoder": {"kernel": sd["weight"].transpose(2, 3, 1, 0), "bias": sd["bias"]},
-              "decoder": {"conv_out": {"kernel": last.weight.detach().numpy().transpose(2, 3, 1, 0),
+    params = {"encoder": {"kernel": sd["weight"].transpose(0, 2, 3, 1), "bias": sd["bias"]},
+              "decoder": {"conv_out": {"kernel": last.weight.detach().numpy().transpose(0, 2, 3, 1),
                                        "bias": last.bias.detach().numpy()}}}
 
     def apply_conv(p, v):
         return jax.lax.conv_general_dilated(v, p["kernel"], (1, 1), ((1, 1), (1, 1)),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]
+                                            dimension_numbers=("NHWC", "OHWI", "NHWC")) + p["bias"]
 
     def generator_loss_fn(ae_params, step):
         def terms(kernel):
@@ -286,8 +286,8 @@ def test_kl_generator_step_matches_torch():
     assert float(log["disc_factor"]) == 1.0
     assert {"total_loss", "nll_loss", "rec_loss", "kl_loss", "logvar", "d_weight", "disc_factor",
             "g_loss"} <= set(log)
-    assert rel_err(grads["encoder"]["kernel"], enc.weight.grad.numpy().transpose(2, 3, 1, 0)) <= TOL
+    assert rel_err(grads["encoder"]["kernel"], enc.weight.grad.numpy().transpose(0, 2, 3, 1)) <= TOL
     assert rel_err(grads["decoder"]["conv_out"]["kernel"],
-                   last.weight.grad.numpy().transpose(2, 3, 1, 0)) <= TOL
+                   last.weight.grad.numpy().transpose(0, 2, 3, 1)) <= TOL
     want = discriminator_variables_from_torch(state_dict_numpy(tdisc), disc_vars)["batch_stats"]
     assert rel_err(stats["main_3"]["var"], want["main_3"]["var"]) <= TOL

@@ -2,7 +2,7 @@
 
 Our modules use diffusers' names with list indices folded in (`down_blocks.0.resnets.1` ->
 `down_blocks_0/resnets_1`), so one rule converts every model:
-`weight` -> `kernel` (Linear transposed, Conv (O,I,kh,kw) -> (kh,kw,I,O), 1x1 convs and Linear
+`weight` -> `kernel` (Linear transposed, Conv (O,I,kh,kw) -> (O,kh,kw,I), 1x1 convs and Linear
 interchangeable), `scale` for norms, `embedding` for embeddings; everything is checked against the
 model's own parameter shapes, and the first mismatch is named.
 """
@@ -67,7 +67,7 @@ def _fit(w, shape):
     if len(shape) == 4:
         if w.ndim == 2:
             w = w[:, :, None, None]
-        return w.transpose(2, 3, 1, 0) if w.ndim == 4 else None
+        return w.transpose(0, 2, 3, 1) if w.ndim == 4 else None
     if len(shape) == 3:  # conv1d (O, I, K) -> (K, I, O)
         return w.transpose(2, 1, 0) if w.ndim == 3 else None
     return None

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiff.convert.torch_names import CheckpointMismatchError, convert_state_dict
+from latentdiff.models.layers import Conv2D
 
 Dtype = Any
 _BN_BUFFERS = {"running_mean": "mean", "running_var": "var"}
@@ -88,11 +89,10 @@ class NLayerDiscriminator(nn.Module):
 
         def conv4(x, features, stride, use_bias):
             nonlocal idx
-            layer = nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                            use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                            kernel_init=_normal(0.0, 0.02),
-                            bias_init=_uniform(1.0 / np.sqrt(16 * x.shape[-1])),
-                            name=f"main_{idx}")
+            layer = Conv2D(features, 4, stride, 1, use_bias=use_bias, dtype=self.dtype,
+                           param_dtype=self.param_dtype, kernel_init=_normal(0.0, 0.02),
+                           bias_init=_uniform(1.0 / np.sqrt(16 * x.shape[-1])),
+                           name=f"main_{idx}")
             idx += 1
             return layer(x)
 

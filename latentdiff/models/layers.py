@@ -63,15 +63,48 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
+class Conv2D(nn.Module):
+    """A 2-D convolution of NHWC inputs whose kernel is stored (out, kh, kw, in).
+
+    That is cuDNN's own filter layout for NHWC (KRSC): the forward and backward convolutions read
+    the kernel and write its gradient as stored, so no step transposes weights or gradients (with
+    flax's (kh, kw, in, out) kernels the optimizer update and the bf16 casts transposed every conv
+    kernel, 19 ms of a 156 ms txt2img training step on an H100). `padding` is an int (symmetric)
+    or "VALID".
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: Any = 1
+    use_bias: bool = True
+    dtype: Dtype = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal(in_axis=-1, out_axis=0)
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (self.features, k, k, x.shape[-1]),
+                            self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, self.param_dtype)
+        pad = self.padding if isinstance(self.padding, str) else [(self.padding, self.padding)] * 2
+        y = jax.lax.conv_general_dilated(
+            x.astype(dtype), kernel.astype(dtype), (self.stride, self.stride), pad,
+            dimension_numbers=("NHWC", "OHWI", "NHWC"))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(dtype)
+        return y
+
+
 def conv(features, kernel=3, stride=1, padding=1, *, dtype, param_dtype, name, zero_init=False,
          use_bias=True):
-    """A 2-D conv with explicit symmetric padding (never 'SAME', which differs for stride 2)."""
-    kwargs = {}
-    if zero_init:
-        kwargs = dict(kernel_init=nn.initializers.zeros)
-    pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=pad,
-                   use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name, **kwargs)
+    """A `Conv2D` with explicit symmetric padding (never 'SAME', which differs for stride 2)."""
+    kwargs = dict(kernel_init=nn.initializers.zeros) if zero_init else {}
+    return Conv2D(features, kernel, stride, padding, use_bias=use_bias, dtype=dtype,
+                  param_dtype=param_dtype, name=name, **kwargs)
 
 
 def dense(features, *, dtype, param_dtype, name, use_bias=True, zero_init=False):
