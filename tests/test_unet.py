@@ -249,3 +249,19 @@ def test_call_errors(cond_ldm):
         model.apply({"params": params}, x, t)
     with pytest.raises(ValueError, match="divisible"):
         model.apply({"params": params}, x[:, :15, :15], t, ctx)
+
+
+def test_padded_keys_masked_by_length_give_the_same_attention():
+    """The cuDNN path pads cross-attention's 77 keys to 80 and masks by length: the same result."""
+    from latentdiff.models.attention import pad_keys
+
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, 16, 2, 8))
+    k = jax.random.normal(kk, (2, 77, 2, 8))
+    v = jax.random.normal(kv, (2, 77, 2, 8))
+    kp, vp, lengths = pad_keys(k, v)
+    assert kp.shape == vp.shape == (2, 80, 2, 8) and lengths.tolist() == [77, 77]
+    want = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    got = jax.nn.dot_product_attention(q, kp, vp, key_value_seq_lengths=lengths, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert pad_keys(kp, vp)[2] is None

@@ -18,20 +18,48 @@ def _cudnn_ok(q):
             and q.shape[-1] <= _CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0)
 
 
+def pad_keys(k, v, multiple=8):
+    """Keys and values zero-padded along their length to a multiple of `multiple`, with the true
+    length per batch row (int32) for the attention's padding mask; (k, v, None) if none is needed."""
+    s = k.shape[1]
+    extra = -s % multiple
+    if not extra:
+        return k, v, None
+    widths = ((0, 0), (0, extra), (0, 0), (0, 0))
+    return jnp.pad(k, widths), jnp.pad(v, widths), jnp.full((k.shape[0],), s, jnp.int32)
+
+
+def _cudnn_attention(q, k, v, scale):
+    """cuDNN flash attention, or None where it refuses the shapes. Key lengths it does not take
+    (the 77 text tokens of cross-attention) are padded and masked by length."""
+    try:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    except Exception:  # unsupported shape/version
+        pass
+    k, v, lengths = pad_keys(k, v)
+    if lengths is None:
+        return None
+    try:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
+                                            implementation="cudnn")
+    except Exception:
+        return None
+
+
 def attention(q, k, v, scale=None, implementation=None):
     """Softmax attention over (B, T, H, D) inputs; returns (B, T, H, D) in q's dtype.
 
-    `implementation` is None (automatic), 'cudnn' or 'xla'.
+    `implementation` is None (automatic), 'cudnn' or 'xla'; 'cudnn' falls back to XLA, which
+    computes the same thing, where cuDNN refuses the shapes.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if implementation is None:
         implementation = "cudnn" if _cudnn_ok(q) else "xla"
     if implementation == "cudnn":
-        try:
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-        except Exception:  # unsupported shape/version: XLA computes the same thing
-            pass
+        out = _cudnn_attention(q, k, v, scale)
+        if out is not None:
+            return out
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
 
 
