@@ -22,17 +22,20 @@ def _define_flags():
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    from latentdiff.sampling import UserInputError, run
-    from latentdiff.runtime import enable_compile_cache
+    import jax
+    from latentdiff.runtime import enable_compile_cache, initialize_distributed
 
+    initialize_distributed(FLAGS.config.get("distributed"))  # before anything touches a device
     enable_compile_cache()
+    from latentdiff.sampling import UserInputError, run
 
     try:
         paths = run(FLAGS.config)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {len(paths) - 1} images and {paths[-1]}")
+    if jax.process_index() == 0:
+        print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 
 if __name__ == "__main__":

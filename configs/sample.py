@@ -1,6 +1,8 @@
 """Settings of `sample.py`; override any of them: `--config.prompts='a red circle at the top left'`."""
 import ml_collections
 
+from configs import base_ldm
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -29,4 +31,6 @@ def get_config():
     c.height = 0  # 0: the model's training size (text, class and unconditional models)
     c.width = 0
     c.outdir = "samples"  # one PNG per sample, grid.png, and index.txt (file -> prompt / label / input)
+    # several processes (hosts) sample one batch together, as train.py trains: see README
+    c.distributed = base_ldm.get_config().distributed
     return c

@@ -109,6 +109,19 @@ def to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def put_global(tree, sharding):
+    """Place host values that every process holds alike (weights, the same prompts and noise) with
+    `sharding`: `device_put` in one process; with several, each process fills its own devices."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
 def to_global(batch, mesh):
     """Host-local numpy batch (this process's share) -> global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from latentdiff import parallel
 from latentdiff.diffusion import samplers
 from latentdiff.diffusion.schedules import NoiseSchedule
 from latentdiff.models.autoencoder import first_stage_latents
@@ -104,12 +105,12 @@ class LatentDiffusionPipeline:
         z, images = self._programs[key](self._placed_params(), cond, uncond, latents, rng,
                                         jnp.float32(guidance_scale))
         if output_type == "latents":
-            return np.asarray(z)
+            return parallel.to_host(z)
         if output_type == "float":
-            return np.asarray(images)
+            return parallel.to_host(images)
         if output_type != "uint8":
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latents', got '{output_type}'")
-        return np.asarray(jnp.round(images * 255.0)).astype(np.uint8)
+        return parallel.to_host(jnp.round(images * 255.0).astype(jnp.uint8))
 
     def _latent_hw(self, height, width, image):
         cfg = self.config
@@ -167,11 +168,10 @@ class LatentDiffusionPipeline:
 
     # ------------------------------------------------------------------ devices
     def _mesh(self):
-        """A 1-D mesh over this process's devices, or None with one device (or several processes,
-        whose arrays `device_put` cannot place from one host)."""
-        if jax.local_device_count() == 1 or jax.process_count() > 1:
+        """A 1-D mesh over every device of every process, or None with one device."""
+        if jax.device_count() == 1:
             return None
-        return jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+        return jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
 
     def _placed_params(self):
         """The parameters, replicated over the mesh once (as they are with one device)."""
@@ -180,12 +180,13 @@ class LatentDiffusionPipeline:
             return self.params
         if self._replicated is None or self._replicated[0] is not self.params:
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            self._replicated = (self.params, jax.device_put(self.params, sharding))
+            self._replicated = (self.params, parallel.put_global(self.params, sharding))
         return self._replicated[1]
 
     def _split_over_devices(self, tree):
         """Batch-leading inputs split over the devices (jit then runs each device's share); a batch
-        the device count does not divide is replicated instead."""
+        the device count does not divide is replicated instead. Every process passes the same
+        inputs (same prompts, same seed) and places its own devices' share."""
         mesh = self._mesh()
         if mesh is None:
             return tree
@@ -193,7 +194,7 @@ class LatentDiffusionPipeline:
 
         def put(x):
             spec = P("batch") if x.ndim and x.shape[0] % n == 0 else P()
-            return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+            return parallel.put_global(x, jax.sharding.NamedSharding(mesh, spec))
 
         return jax.tree_util.tree_map(put, tree)
 

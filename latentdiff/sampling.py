@@ -32,12 +32,14 @@ def run(config):
     task = pipe.config.task
     items, names = inputs(config, pipe)
     guidance = guidance_scale(config, pipe)
-    batch = _round_up(max(1, int(config.batch_size)), jax.local_device_count())
+    batch = _round_up(max(1, int(config.batch_size)), jax.device_count())
+    writer = jax.process_index() == 0  # with several processes, every one samples; the first writes
     kw = dict(num_inference_steps=int(config.num_inference_steps), guidance_scale=guidance, eta=float(config.eta),
               sampler=config.sampler, height=int(config.height) or None, width=int(config.width) or None)
     rng = jax.random.key(int(config.seed))
-    os.makedirs(config.outdir, exist_ok=True)
-    images, bar = [], tqdm(total=len(names), unit="img", dynamic_ncols=True)
+    if writer:
+        os.makedirs(config.outdir, exist_ok=True)
+    images, bar = [], tqdm(total=len(names), unit="img", dynamic_ncols=True, disable=not writer)
     try:
         for start in range(0, len(names), batch):
             chunk = {k: _pad(v[start:start + batch], batch) for k, v in items.items()}
@@ -51,14 +53,14 @@ def run(config):
             bar.update(len(out[:min(batch, len(names) - start)]))
     finally:
         bar.close()
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(os.path.join(config.outdir, f"{i:05d}.png"))
-        Image.fromarray(image).save(paths[-1])
-    with open(os.path.join(config.outdir, "index.txt"), "w", encoding="utf-8") as f:
-        f.writelines(f"{os.path.basename(p)}\t{n}\n" for p, n in zip(paths, names))
+    paths = [os.path.join(config.outdir, f"{i:05d}.png") for i in range(len(images))]
     grid = os.path.join(config.outdir, "grid.png")
-    save_grid(np.stack(images), grid, cols=min(len(images), max(int(config.num_samples), 4)))
+    if writer:
+        for path, image in zip(paths, images):
+            Image.fromarray(image).save(path)
+        with open(os.path.join(config.outdir, "index.txt"), "w", encoding="utf-8") as f:
+            f.writelines(f"{os.path.basename(p)}\t{n}\n" for p, n in zip(paths, names))
+        save_grid(np.stack(images), grid, cols=min(len(images), max(int(config.num_samples), 4)))
     return paths + [grid]
 
 
