@@ -22,10 +22,9 @@ def _define_flags():
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
     from latentdiff.runtime import enable_compile_cache, initialize_distributed
 
-    initialize_distributed(FLAGS.config.get("distributed"))  # before anything touches a device
+    process, _ = initialize_distributed(FLAGS.config.get("distributed"))  # before any device is touched
     enable_compile_cache()
     from latentdiff.sampling import UserInputError, run
 
@@ -34,7 +33,7 @@ def main(argv):
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if jax.process_index() == 0:
+    if process == 0:
         print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 

@@ -109,7 +109,7 @@ def train_ldm_case(name, batch, args):
     from latentdiff.convert import loaders
     from latentdiff.training import ldm_step
     from latentdiff import parallel
-    from latentdiff.training.loop import _init_fns, compvis_params, init_train_state
+    from latentdiff.training.loop import _init_fns, abstract_train_state, compvis_params, init_train_state
 
     cfg = _config(name, args.smoke, args.remat)
     spec = loaders.build_ldm(compvis_params(cfg.model), _dtype(args.dtype))
@@ -122,7 +122,7 @@ def train_ldm_case(name, batch, args):
     tx = optax.adamw(1e-4, weight_decay=0.01)
     _note("building the train state")
     init_params, make_state = _init_fns(spec, task, tx, cfg)
-    shardings = parallel.tree_shardings(jax.eval_shape(lambda r: make_state(init_params(r)), jax.random.key(0)),
+    shardings = parallel.tree_shardings(abstract_train_state(init_params, make_state, jax.random.key(0)),
                                         parallel.make_mesh())
     state = init_train_state(init_params, make_state, jax.random.key(0), shardings)
     jax.block_until_ready(state)
@@ -299,7 +299,7 @@ def bf16_check_case(args):
 
     pipes = {d: _txt2img_pipeline(argparse.Namespace(**{**vars(args), "param_dtype": "float32"}), _dtype(d))
              for d in ("float32", "bfloat16")}
-    p32, p16 = pipes["float32"], pipes["bfloat16"]
+    p32 = pipes["float32"]
     unet_params = p32.params["unet"]
     size = p32.config.latent_size if not args.smoke else 8
     k = jax.random.split(jax.random.key(5), 3)

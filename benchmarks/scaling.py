@@ -38,7 +38,7 @@ from latentdiff import parallel  # noqa: E402
 from latentdiff.convert import loaders  # noqa: E402
 from latentdiff.runtime import enable_compile_cache  # noqa: E402
 from latentdiff.training import ldm_step  # noqa: E402
-from latentdiff.training.loop import _init_fns, compvis_params, init_train_state  # noqa: E402
+from latentdiff.training.loop import _init_fns, abstract_train_state, compvis_params, init_train_state  # noqa: E402
 
 enable_compile_cache()
 T0 = time.time()
@@ -64,7 +64,7 @@ def setup(model, n, fsdp, per_device, text_trainable=False, compile_only=False):
     tx = optax.adamw(1e-4, weight_decay=0.01)
     mesh = parallel.make_mesh(data=n // fsdp, fsdp=fsdp, devices=jax.devices()[:n])
     init_params, make_state = _init_fns(spec, task, tx, cfg)
-    abstract = jax.eval_shape(lambda r: make_state(init_params(r)), jax.random.key(0))
+    abstract = abstract_train_state(init_params, make_state, jax.random.key(0))
     shardings = parallel.tree_shardings(abstract, mesh)
     b, hw, ctx_dim = per_device * n, cfg.model.image_size, spec["unet"].config.context_dim
     bs = parallel.batch_sharding(mesh)

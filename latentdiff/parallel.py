@@ -73,14 +73,7 @@ def host_init(init, rng, shardings):
     """
     cpu = jax.local_devices(backend="cpu")[0]
     host = jax.jit(init, out_shardings=jax.sharding.SingleDeviceSharding(cpu))(jax.device_put(rng, cpu))
-    if isinstance(shardings, jax.sharding.Sharding):
-        shardings = jax.tree_util.tree_map(lambda _: shardings, host)
-
-    def place(a, sharding):
-        a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    return jax.tree_util.tree_map(place, host, shardings)
+    return put_global(host, shardings)
 
 
 def compile_together(fn, *args):
@@ -109,17 +102,20 @@ def to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def put_global(tree, sharding):
-    """Place host values that every process holds alike (weights, the same prompts and noise) with
-    `sharding`: `device_put` in one process; with several, each process fills its own devices."""
+def put_global(tree, shardings):
+    """Place values that every process holds alike (weights, the same prompts and noise) on
+    `shardings` (one for all, or a matching pytree): `device_put` in one process; with several,
+    each process fills its own devices."""
     if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree_util.tree_map(lambda _: shardings, tree)
 
-    def put(x):
+    def put(x, sharding):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    return jax.tree_util.tree_map(put, tree)
+    return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def to_global(batch, mesh):

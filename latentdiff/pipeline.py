@@ -77,6 +77,8 @@ class LatentDiffusionPipeline:
         `output_type='float'` gives [0, 1] float32 images, `'latents'` the final latents (NHWC).
         """
         cfg = self.config
+        if output_type not in ("uint8", "float", "latents"):
+            raise ValueError(f"output_type must be 'uint8', 'float' or 'latents', got '{output_type}'")
         if num_samples is None and latents is not None:
             num_samples = np.shape(latents)[0]
         cond, uncond, batch = self._conditioning(prompts, class_labels, image, mask, num_samples)
@@ -108,8 +110,6 @@ class LatentDiffusionPipeline:
             return parallel.to_host(z)
         if output_type == "float":
             return parallel.to_host(images)
-        if output_type != "uint8":
-            raise ValueError(f"output_type must be 'uint8', 'float' or 'latents', got '{output_type}'")
         return parallel.to_host(jnp.round(images * 255.0).astype(jnp.uint8))
 
     def _latent_hw(self, height, width, image):

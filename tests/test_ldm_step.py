@@ -9,7 +9,7 @@ import optax
 from latentdiff import parallel
 from latentdiff.convert import loaders
 from latentdiff.training import ldm_step
-from latentdiff.training.loop import _init_fns, compvis_params, init_train_state
+from latentdiff.training.loop import _init_fns, abstract_train_state, compvis_params, init_train_state
 
 
 def _setup():
@@ -19,7 +19,7 @@ def _setup():
                             alphas_cumprod=spec["schedule"].alphas_cumprod)
     tx = optax.adamw(1e-3)
     init_params, make_state = _init_fns(spec, task, tx, cfg)
-    shardings = parallel.tree_shardings(jax.eval_shape(lambda r: make_state(init_params(r)), jax.random.key(0)),
+    shardings = parallel.tree_shardings(abstract_train_state(init_params, make_state, jax.random.key(0)),
                                         parallel.make_mesh())
     state = init_train_state(init_params, make_state, jax.random.key(0), shardings)
     step = jax.jit(lambda s, b: ldm_step.train_step(task, tx, 1, s, {"vae": None}, b, jax.random.key(1)))

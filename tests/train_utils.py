@@ -37,22 +37,16 @@ def sample(*overrides, devices=None, check=True, cwd=ROOT):
     return run_program("sample.py", *overrides, devices=devices, check=check, cwd=cwd)
 
 
-def program_env(devices=None):
-    """The environment of a program run by a test: CPU, most XLA optimisations off (tiny models:
-    compile time dominates) and one compilation cache shared by the runs (results stay exact: every
-    run of a test uses the same setting)."""
+def run_program(script, *args, devices=None, check=True, cwd=ROOT, **popen):
+    """Run one of our programs in a subprocess: CompletedProcess or, with background=True, Popen.
+
+    Tiny models: compile time dominates, so most XLA optimisations are off and the runs of a test
+    share a compilation cache (results stay exact: every run of a test uses the same setting)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
                JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "latentdiff-test-jax-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-def run_program(script, *args, devices=None, check=True, cwd=ROOT, **popen):
-    """Run one of our programs in a subprocess (see `program_env`); CompletedProcess or, with
-    background=True, Popen."""
-    env = program_env(devices)
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
     if popen.pop("background", False):
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -82,6 +82,11 @@ def _init_fns(spec, task, tx, config):
     return init_params, make_state
 
 
+def abstract_train_state(init_params, make_state, rng):
+    """The shapes and dtypes of a fresh TrainState (for shardings and checkpoint restore)."""
+    return jax.eval_shape(lambda r: make_state(init_params(r)), rng)
+
+
 def init_train_state(init_params, make_state, rng, shardings):
     """A fresh sharded state: parameters drawn on the host (`parallel.host_init`), the EMA and the
     optimizer state built from them on the devices."""
@@ -186,7 +191,7 @@ def train_ldm(config, workdir):
     frozen = jax.device_put(frozen, parallel.replicated(mesh))
 
     init_params, make_state = _init_fns(spec, task, tx, config)
-    abstract = jax.eval_shape(lambda r: make_state(init_params(r)), rng)
+    abstract = abstract_train_state(init_params, make_state, rng)
     state_sharding = parallel.tree_shardings(abstract, mesh, config.mesh.fsdp_min_size)
 
     loader = make_dataset(data_config(config.data), jax.process_index(), jax.process_count(), config.seed)
