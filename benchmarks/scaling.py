@@ -1,14 +1,20 @@
-"""Scaling of the txt2img UNet train step over the devices of one host (data parallel and FSDP).
+"""Scaling over the devices of one host: the txt2img UNet train step (data parallel, FSDP), the
+1.45B model's per-device memory, and sampling.
 
-    python benchmarks/scaling.py dp      # 1 vs N GPUs at the same per-GPU batch, interleaved repeats
-    python benchmarks/scaling.py fsdp    # per-device memory of the 1.45B model (UNet + trainable
-                                         # LDMBert): data parallel vs FSDP over N devices (compile only)
-    python benchmarks/scaling.py dp --smoke   # tiny model, fake CPU devices (CI)
+    python benchmarks/scaling.py dp       # 1 vs N GPUs at the same per-GPU batch, interleaved repeats,
+                                          # for each --variants entry (mesh and XLA scheduling)
+    python benchmarks/scaling.py fsdp     # the 1.45B model (UNet + trainable LDMBert): per-device
+                                          # memory of data parallel vs FSDP over N devices (compile
+                                          # only); --time also times both steps
+    python benchmarks/scaling.py sample   # 50-step guided DDIM, the same per-GPU batch on 1 vs N GPUs
+    python benchmarks/scaling.py dp --smoke   # tiny model, 2 fake CPU devices (CI runs all three)
 
 Uses the library's own pieces (`_init_fns`, `init_train_state`, `train_step`, the mesh and its
-shardings); steps are timed back to back, as the training loop runs them. Prints JSON lines.
+shardings, `LatentDiffusionPipeline`); steps are timed back to back, as the training loop runs them.
+Prints JSON lines.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -18,12 +24,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+# (fsdp axis size: 1 or all devices, XLA options the step is compiled with)
+LHS = {"xla_gpu_enable_latency_hiding_scheduler": True}
+VARIANTS = {"dp": ("dp", {}), "dp_lhs": ("dp", LHS), "fsdp": ("fsdp", {}), "fsdp_lhs": ("fsdp", LHS)}
+
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-ap.add_argument("what", choices=("dp", "fsdp"))
+ap.add_argument("what", choices=("dp", "fsdp", "sample"))
 ap.add_argument("--smoke", action="store_true", help="tiny model on 2 fake CPU devices")
 ap.add_argument("--per_gpu", type=int, default=64, help="batch per device")
 ap.add_argument("--devices", type=int, default=0, help="devices to scale to (0: all)")
 ap.add_argument("--reps", type=int, default=3, help="interleaved repeats")
+ap.add_argument("--variants", default="dp,dp_lhs", help=f"dp: comma-separated, of {sorted(VARIANTS)}")
+ap.add_argument("--remat", action="store_true", help="fsdp: activation checkpointing in the UNet")
+ap.add_argument("--time", action="store_true", help="fsdp: also run and time both steps")
 args = ap.parse_args()
 if args.smoke:
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -42,6 +55,7 @@ from latentdiff.training.loop import _init_fns, abstract_train_state, compvis_pa
 
 enable_compile_cache()
 T0 = time.time()
+MODEL = "txt2img_1p4b"
 
 
 def note(*a):
@@ -52,38 +66,52 @@ def res(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def setup(model, n, fsdp, per_device, text_trainable=False, compile_only=False):
-    """The compiled step on an n-device (data x fsdp) mesh, its state and batch, and XLA's
-    per-device memory. `text_trainable` trains LDMBert too (tokens in the batch): the 1.45B setup."""
-    cfg = bench._config(model, args.smoke, False)
-    spec = loaders.build_ldm(compvis_params(cfg.model), jnp.bfloat16)
-    if not text_trainable:
-        spec = dict(spec, cond_model=None)  # the context is an input, as in bench.py
-    task = ldm_step.LDMTask(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"], task="text2img",
-                            alphas_cumprod=spec["schedule"].alphas_cumprod, cond_trainable=True)
-    tx = optax.adamw(1e-4, weight_decay=0.01)
-    mesh = parallel.make_mesh(data=n // fsdp, fsdp=fsdp, devices=jax.devices()[:n])
-    init_params, make_state = _init_fns(spec, task, tx, cfg)
-    abstract = abstract_train_state(init_params, make_state, jax.random.key(0))
-    shardings = parallel.tree_shardings(abstract, mesh)
-    b, hw, ctx_dim = per_device * n, cfg.model.image_size, spec["unet"].config.context_dim
-    bs = parallel.batch_sharding(mesh)
-    shapes = {"moments": ((b, hw, hw, 8), jnp.float32),
-              **({"tokens": ((b, 77), jnp.int32)} if text_trainable else {"context": ((b, 77, ctx_dim), jnp.float32)})}
-    step = jax.jit(lambda s, x, r: ldm_step.train_step(task, tx, 1, s, {"vae": None}, x, r),
-                   in_shardings=(shardings, bs, None), out_shardings=(shardings, None), donate_argnums=(0,))
-    t = time.time()
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=bs) for k, (shape, dt) in shapes.items()}
-    compiled = step.lower(abstract, abstract_batch, jax.random.key(1)).compile()
-    note(model, f"{n} devices, fsdp {fsdp}: compiled in {time.time() - t:.1f} s")
-    m = compiled.memory_analysis()
-    memory = dict(args_gib=round(m.argument_size_in_bytes / 2 ** 30, 2), temp_gib=round(m.temp_size_in_bytes / 2 ** 30, 2))
-    if compile_only:
-        return None, None, None, memory
-    state = init_train_state(init_params, make_state, jax.random.key(0), shardings)
-    keys = jax.random.split(jax.random.key(2), len(shapes))
-    batch = {k: jax.device_put(jax.random.normal(key, shape), bs) for key, (k, (shape, _)) in zip(keys, shapes.items())}
-    return compiled, [state], batch, memory
+def gib(n):
+    return round(n / 2 ** 30, 2)
+
+
+class Step:
+    """The txt2img train step of the benchmark (`text_trainable`: LDMBert trained too, tokens in the
+    batch: the 1.45B setup) and what it needs: compiled per mesh and XLA options."""
+
+    def __init__(self, per_device, text_trainable=False, remat=False):
+        cfg = bench._config(MODEL, args.smoke, remat)
+        spec = loaders.build_ldm(compvis_params(cfg.model), jnp.bfloat16)
+        if not text_trainable:
+            spec = dict(spec, cond_model=None)  # the context is an input, as in bench.py
+        self.task = ldm_step.LDMTask(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"],
+                                     task="text2img", alphas_cumprod=spec["schedule"].alphas_cumprod,
+                                     cond_trainable=True)
+        self.tx = optax.adamw(1e-4, weight_decay=0.01)
+        self.init_params, self.make_state = _init_fns(spec, self.task, self.tx, cfg)
+        self.abstract = abstract_train_state(self.init_params, self.make_state, jax.random.key(0))
+        self.per_device, hw = per_device, cfg.model.image_size
+        self.shapes = {"moments": ((hw, hw, 8), jnp.float32),
+                       **({"tokens": ((77,), jnp.int32)} if text_trainable
+                          else {"context": ((77, spec["unet"].config.context_dim), jnp.float32)})}
+
+    def compile(self, n, fsdp, options=None):
+        """(compiled step, state shardings, batch sharding, XLA's per-device memory in GiB)."""
+        mesh = parallel.make_mesh(data=n // fsdp, fsdp=fsdp, devices=jax.devices()[:n])
+        shardings, bs = parallel.tree_shardings(self.abstract, mesh), parallel.batch_sharding(mesh)
+        b = self.per_device * n
+        batch = {k: jax.ShapeDtypeStruct((b, *shape), dt, sharding=bs) for k, (shape, dt) in self.shapes.items()}
+        task = dataclasses.replace(self.task, gather=parallel.replicated(mesh) if fsdp > 1 else None)
+        step = jax.jit(lambda s, x, r: ldm_step.train_step(task, self.tx, 1, s, {"vae": None}, x, r),
+                       in_shardings=(shardings, bs, None), out_shardings=(shardings, None), donate_argnums=(0,))
+        t = time.time()
+        compiled = step.lower(self.abstract, batch, jax.random.key(1)).compile(compiler_options=options or None)
+        note(f"{n} devices, fsdp {fsdp}, {options or 'default'}: compiled in {time.time() - t:.1f} s")
+        m = compiled.memory_analysis()
+        memory = dict(args_gib=gib(m.argument_size_in_bytes), temp_gib=gib(m.temp_size_in_bytes),
+                      total_gib=gib(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                                    - m.alias_size_in_bytes))
+        return compiled, shardings, bs, memory
+
+    def batch(self, n, sharding):
+        keys = jax.random.split(jax.random.key(2), len(self.shapes))
+        return {k: jax.device_put(jax.random.normal(key, (self.per_device * n, *shape)).astype(dt), sharding)
+                for key, (k, (shape, dt)) in zip(keys, self.shapes.items())}
 
 
 def time_it(compiled, holder, batch, reps=10):
@@ -98,16 +126,66 @@ def time_it(compiled, holder, batch, reps=10):
     return (time.perf_counter() - t) / reps
 
 
-N = args.devices or jax.device_count()
-P = args.per_gpu if not args.smoke else 2
-if args.what == "dp":
-    c1, h1, b1, m1 = setup("txt2img_1p4b", 1, 1, P)
-    cn, hn, bn, mn = setup("txt2img_1p4b", N, 1, P)
+def data_parallel(n, per_device):
+    """One device against n, for every variant: the state drawn once and copied to each layout."""
+    step = Step(per_device)
+    c1, sh1, bs1, m1 = step.compile(1, 1)
+    state = init_train_state(step.init_params, step.make_state, jax.random.key(0), sh1)
+    runs = {"one": (c1, [state], step.batch(1, bs1))}
+    for name in args.variants.split(","):
+        layout, options = VARIANTS[name]
+        c, sh, bs, m = step.compile(n, n if layout == "fsdp" else 1, options)
+        runs[name] = (c, [jax.device_put(jax.jit(lambda s: jax.tree_util.tree_map(jnp.copy, s))(state), sh)],
+                      step.batch(n, bs))  # a copy: the one-device run donates `state`
+        res(what="dp_memory", variant=name, devices=n, per_device_batch=per_device, one=m1, all=m)
     for r in range(args.reps):
-        s1, sn = time_it(c1, h1, b1), time_it(cn, hn, bn)
-        res(what="dp_scaling", devices=N, per_device_batch=P, rep=r, one_img_per_s=round(P / s1, 1),
-            all_img_per_s=round(N * P / sn, 1), efficiency=round(s1 / sn, 4), memory_one=m1, memory_all=mn)
-else:
-    for fsdp in (1, N):
-        m = setup("txt2img_1p4b", N, fsdp, P, text_trainable=True, compile_only=True)[3]
-        res(what="memory_1p45b", mesh=f"data={N // fsdp} fsdp={fsdp}", per_device_batch=P, **m)
+        s1 = time_it(*runs["one"])
+        for name in args.variants.split(","):
+            sn = time_it(*runs[name])
+            res(what="dp_scaling", variant=name, devices=n, per_device_batch=per_device, rep=r,
+                one_img_per_s=round(per_device / s1, 1), all_img_per_s=round(n * per_device / sn, 1),
+                efficiency=round(s1 / sn, 4))
+
+
+def fsdp_memory(n, per_device):
+    """The 1.45B model over n devices, data parallel against FSDP: XLA's per-device memory (compiled
+    without autotuning unless --time) and, with --time, the step time of each."""
+    step = Step(per_device, text_trainable=True, remat=args.remat)
+    options = None if args.time else {"xla_gpu_autotune_level": 0}
+    for fsdp in (1, n):
+        compiled, sh, bs, m = step.compile(n, fsdp, None if args.smoke else options)
+        row = dict(what="memory_1p45b", mesh=f"data={n // fsdp} fsdp={fsdp}", per_device_batch=per_device,
+                   remat=args.remat, **m)
+        if args.time:
+            state = init_train_state(step.init_params, step.make_state, jax.random.key(0), sh)
+            seconds = time_it(compiled, [state], step.batch(n, bs))
+            stats = jax.devices()[0].memory_stats() or {}
+            row.update(step_s=round(seconds, 4), img_per_s=round(n * per_device / seconds, 1),
+                       peak_gib=gib(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None)
+            del state
+        res(**row)
+
+
+def sampling(n, per_device):
+    """50 guided DDIM steps + decoding, per_device images on each of 1 and n devices (one pipeline,
+    its `devices` switched), interleaved repeats."""
+    sample_args = argparse.Namespace(smoke=args.smoke, param_dtype="bfloat16", dtype="bfloat16",
+                                     steps=5 if args.smoke else 50, warmup=1, reps=3)
+    pipe = bench._txt2img_pipeline(sample_args, jnp.bfloat16)
+    rng = jax.random.key(0)
+
+    def seconds(devices):
+        pipe.devices = devices
+        prompts = ["a red circle at the top left"] * (per_device * len(devices))
+        return bench._median_time(lambda: pipe(prompts, rng=rng, num_inference_steps=sample_args.steps,
+                                               guidance_scale=6.0), sample_args.warmup, sample_args.reps)
+
+    for r in range(args.reps):
+        s1, sn = seconds(jax.devices()[:1]), seconds(jax.devices()[:n])
+        res(what="sample_scaling", devices=n, per_device_batch=per_device, rep=r, one_img_per_s=round(per_device / s1, 2),
+            all_img_per_s=round(n * per_device / sn, 2), efficiency=round(s1 / sn, 4))
+
+
+N = args.devices or jax.device_count()
+P = 2 if args.smoke else args.per_gpu
+{"dp": data_parallel, "fsdp": fsdp_memory, "sample": sampling}[args.what](N, P)

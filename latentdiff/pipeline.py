@@ -47,12 +47,13 @@ class LatentDiffusionPipeline:
     """A latent diffusion model ready to sample: modules, their parameters and the noise schedule."""
 
     def __init__(self, *, unet, vae, schedule: NoiseSchedule, config: PipelineConfig, params,
-                 cond_model=None, tokenizer=None):
+                 cond_model=None, tokenizer=None, devices=None):
         self.unet, self.vae, self.cond_model, self.tokenizer = unet, vae, cond_model, tokenizer
         self.schedule, self.config = schedule, config
         self.params = params  # {'unet': ..., 'vae': ..., 'cond': ... (optional)}
         self._programs = {}
-        self._replicated = None  # (params, their replicated copy) when sampling over several devices
+        self.devices = devices  # what a batch is split over; None: every device of every process
+        self._replicated = None  # (params, devices, their replicated copy) when sampling over a mesh
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -168,20 +169,21 @@ class LatentDiffusionPipeline:
 
     # ------------------------------------------------------------------ devices
     def _mesh(self):
-        """A 1-D mesh over every device of every process, or None with one device."""
-        if jax.device_count() == 1:
+        """A 1-D mesh over `self.devices` (default: every device of every process), or None when
+        there is one device in all."""
+        if self.devices is None and jax.device_count() == 1:
             return None
-        return jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+        return jax.sharding.Mesh(np.array(jax.devices() if self.devices is None else list(self.devices)), ("batch",))
 
     def _placed_params(self):
         """The parameters, replicated over the mesh once (as they are with one device)."""
         mesh = self._mesh()
         if mesh is None:
             return self.params
-        if self._replicated is None or self._replicated[0] is not self.params:
+        if self._replicated is None or self._replicated[0] is not self.params or self._replicated[1] != mesh:
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            self._replicated = (self.params, parallel.put_global(self.params, sharding))
-        return self._replicated[1]
+            self._replicated = (self.params, mesh, parallel.put_global(self.params, sharding))
+        return self._replicated[2]
 
     def _split_over_devices(self, tree):
         """Batch-leading inputs split over the devices (jit then runs each device's share); a batch

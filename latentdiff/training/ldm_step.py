@@ -35,6 +35,11 @@ class LDMTask:
     null_tokens: Any = None  # (L,) ids of the empty prompt, for text dropout
     ema_max_decay: float = 0.9999
     use_ema: bool = True
+    # FSDP: the sharding (replicated over the mesh) that the trainable parameters are gathered to, in
+    # the UNet's compute dtype, before each forward pass. Every layer then runs as under data
+    # parallelism (whole weights, activations split by batch) and the gradients are reduce-scattered
+    # back to the parameters' shards. None: use the parameters where they are.
+    gather: Any = None
 
     def __hash__(self):
         return id(self)
@@ -138,13 +143,26 @@ def loss_fn(task, params, frozen, batch, rng, scale_factor):
     return jnp.mean(diffusion_loss(pred, target, task.loss_type))
 
 
+def gathered(task, params):
+    """The parameters as the forward pass uses them: as they are, or (FSDP, `task.gather`) cast to
+    the compute dtype and gathered whole onto every device."""
+    if task.gather is None:
+        return params
+    dtype = task.unet.dtype
+
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.lax.with_sharding_constraint(jax.tree_util.tree_map(cast, params), task.gather)
+
+
 def train_step(task, tx, accumulate, state: TrainState, frozen, batch, base_rng):
     """One optimizer step (with `accumulate` micro-batches); returns (state, metrics)."""
     rng = jax.random.fold_in(base_rng, state.step)
 
     def grads_of(micro, key):
-        return jax.value_and_grad(lambda p: loss_fn(task, p, frozen, micro, key, state.scale_factor))(
-            state.params)
+        return jax.value_and_grad(
+            lambda p: loss_fn(task, gathered(task, p), frozen, micro, key, state.scale_factor))(state.params)
 
     if accumulate == 1:
         loss, grads = grads_of(batch, rng)

@@ -180,7 +180,8 @@ def train_ldm(config, workdir):
         loss_type=config.model.loss_type, cond_trainable=bool(cs.trainable),
         cond_drop_prob=float(config.model.cond_drop_prob), null_class=null_class,
         null_tokens=None if tokenizer is None else ldm_step.null_tokens_for(tokenizer, max_length),
-        ema_max_decay=config.train.ema_max_decay, use_ema=bool(config.train.ema))
+        ema_max_decay=config.train.ema_max_decay, use_ema=bool(config.train.ema),
+        gather=parallel.replicated(mesh) if mesh.shape["fsdp"] > 1 else None)
     tx = make_optimizer(config.optim, config.train.steps)
     rng = jax.random.key(config.seed)
 
