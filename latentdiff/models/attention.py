@@ -30,19 +30,15 @@ def pad_keys(k, v, multiple=8):
 
 
 def _cudnn_attention(q, k, v, scale):
-    """cuDNN flash attention, or None where it refuses the shapes. Key lengths it does not take
-    (the 77 text tokens of cross-attention) are padded and masked by length."""
-    try:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-    except Exception:  # unsupported shape/version
-        pass
+    """cuDNN flash attention, or None where it refuses the shapes. Key lengths that 8 does not
+    divide (the 77 text tokens of cross-attention), which cuDNN's backward pass refuses, are padded
+    and masked by length up front: under activation checkpointing the backward rule is traced
+    after this function returns, where a refusal could no longer fall back to XLA."""
     k, v, lengths = pad_keys(k, v)
-    if lengths is None:
-        return None
     try:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
                                             implementation="cudnn")
-    except Exception:
+    except Exception:  # unsupported shape/version
         return None
 
 
