@@ -67,7 +67,7 @@ def res(**kw):
 
 
 def gib(n):
-    return round(n / 2 ** 30, 2)
+    return round(n / 2 ** 30, 4)
 
 
 class Step:
@@ -170,7 +170,7 @@ def sampling(n, per_device):
     """50 guided DDIM steps + decoding, per_device images on each of 1 and n devices (one pipeline,
     its `devices` switched), interleaved repeats."""
     sample_args = argparse.Namespace(smoke=args.smoke, param_dtype="bfloat16", dtype="bfloat16",
-                                     steps=5 if args.smoke else 50, warmup=1, reps=3)
+                                     steps=2 if args.smoke else 50, warmup=1, reps=3)
     pipe = bench._txt2img_pipeline(sample_args, jnp.bfloat16)
     rng = jax.random.key(0)
 

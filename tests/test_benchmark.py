@@ -38,13 +38,18 @@ def test_benchmark_reports_a_failing_case(tmp_path):
 
 def test_scaling_smoke_on_two_fake_devices():
     rows = {}
-    for what in ("dp", "fsdp"):
+    for what, extra in (("dp", ["--variants=fsdp"]), ("fsdp", []), ("sample", [])):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scaling.py"), what, "--smoke",
-                               "--reps=1"], capture_output=True, text=True, timeout=600)
+                               "--reps=1", *extra], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows[what] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    (dp,) = rows["dp"]
-    assert dp["devices"] == 2 and dp["one_img_per_s"] > 0 and dp["all_img_per_s"] > 0
+    (memory,) = [r for r in rows["dp"] if r["what"] == "dp_memory"]
+    (timed,) = [r for r in rows["dp"] if r["what"] == "dp_scaling"]
+    assert timed["variant"] == "fsdp" and timed["devices"] == 2
+    assert timed["one_img_per_s"] > 0 and timed["all_img_per_s"] > 0
+    assert memory["all"]["args_gib"] < memory["one"]["args_gib"]  # the state split over 2 devices
     by_mesh = {r["mesh"]: r for r in rows["fsdp"]}
     # parameters, EMA and optimizer state sharded over 2 devices take less memory per device
     assert by_mesh["data=1 fsdp=2"]["args_gib"] < by_mesh["data=2 fsdp=1"]["args_gib"]
+    (sample,) = rows["sample"]
+    assert sample["devices"] == 2 and sample["one_img_per_s"] > 0 and sample["all_img_per_s"] > 0
