@@ -80,6 +80,8 @@ def _config(name, smoke, remat):
     m = cfg.model
     u = m.unet_config.params
     u.use_checkpoint = bool(remat)
+    if m.cond_stage_config.target.endswith("BERTEmbedder"):  # a trainable text encoder's layers too
+        m.cond_stage_config.params.use_checkpoint = bool(remat)
     if smoke:
         u.update(dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=1,
                       num_heads=2 if u.num_heads > 1 else 1, num_head_channels=-1,

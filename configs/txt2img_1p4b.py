@@ -3,7 +3,7 @@
 with its unused to_logits head, 1.45B in all).
 
 model_channels 320, channel_mult [1,2,4,4], SpatialTransformer (depth 1, context 1280) at ds 4,2,1 with
-8 heads (legacy False), activation checkpointing (use_checkpoint -> remat); a trainable
+8 heads (legacy False), activation checkpointing (use_checkpoint -> remat; ours also checkpoints the text encoder's layers); a trainable
 BERTEmbedder(n_embed 1280, n_layer 32). Linear schedule 0.00085 / 0.012, scale_factor 0.18215, no EMA,
 base lr 5e-5. The YAML has no data section: batch 64 is the base default.
 
@@ -30,7 +30,7 @@ def get_config():
     m.first_stage_config.update(base_autoencoder.first_stage_config(kl_f8.get_config()))
     m.cond_stage_config.target = "ldm.modules.encoders.modules.BERTEmbedder"
     m.cond_stage_config.trainable = True
-    m.cond_stage_config.params = dict(n_embed=1280, n_layer=32)
+    m.cond_stage_config.params = dict(n_embed=1280, n_layer=32, use_checkpoint=True)
     c.data.size = 256
     c.optim.lr = 5e-5
     c.train.update(dict(ema=False, guidance_scale=5.0, sample_prompts=(

@@ -32,6 +32,7 @@ class TextEncoderConfig:
     head_dim: int = 64
     ffn_dim: int = 5120
     layer_norm_eps: float = 1e-5
+    remat: bool = False  # activation checkpointing of each layer: training memory, same values
 
     @classmethod
     def from_diffusers(cls, config: dict):
@@ -53,13 +54,15 @@ class TextEncoderConfig:
         """From the YAML `params` of CompVis' BERTEmbedder / TransformerEmbedder (n_embed, n_layer).
 
         x-transformers' defaults apply: 8 heads of 64 whatever the width, MLP 4 x width. `heads` and
-        `dim_head` (x-transformers' Encoder arguments) may be given to size a small encoder.
+        `dim_head` (x-transformers' Encoder arguments) may be given to size a small encoder, and
+        `use_checkpoint` (ours, as the UNet's) checkpoints each layer's activations in training.
         """
         width = params["n_embed"]
         return cls(vocab_size=params.get("vocab_size", 30522),
                    max_length=params.get("max_seq_len", 77),
                    width=width, depth=params["n_layer"], heads=params.get("heads", 8),
-                   head_dim=params.get("dim_head", 64), ffn_dim=4 * width)
+                   head_dim=params.get("dim_head", 64), ffn_dim=4 * width,
+                   remat=bool(params.get("use_checkpoint", False)))
 
 
 class SelfAttention(nn.Module):
@@ -113,8 +116,9 @@ class LDMBertEncoder(nn.Module):
         positions = nn.Embed(cfg.max_length, cfg.width, embedding_init=init, name="embed_positions",
                              **kw)
         x = tokens(input_ids) + positions(jnp.arange(length))[None]
+        layer = nn.remat(LDMBertLayer) if cfg.remat else LDMBertLayer
         for i in range(cfg.depth):
-            x = LDMBertLayer(cfg, name=f"layers_{i}", **kw)(x)
+            x = layer(cfg, name=f"layers_{i}", **kw)(x)
         return LayerNorm(cfg.layer_norm_eps, name="layer_norm", **kw)(x)
 
 
