@@ -3,7 +3,7 @@
     python benchmarks/bench.py                                    # every case, then the table
     python benchmarks/bench.py --cases=train_txt2img,sample_b16   # some of them
     python benchmarks/bench.py --peer=../shared/bench/peer_torch.py   # and diffusers, same GPU
-    python benchmarks/bench.py --smoke                            # tiny models, 2 repeats (CI, CPU)
+    python benchmarks/bench.py --smoke                            # tiny models, 1 repeat (CI, CPU)
 
 Each case runs in its own process (so its peak memory is its own) and prints one JSON line; the
 driver collects them into `--out` (JSON lines) and prints a markdown table. Timings are medians
@@ -88,7 +88,8 @@ def _config(name, smoke, remat):
                       context_dim=32 if u.context_dim else None, image_size=8))
         m.image_size = 8
         dd = m.first_stage_config.params.ddconfig
-        dd.update(dict(ch=32, ch_mult=(1,) * len(dd.ch_mult), resolution=8 * 2 ** (len(dd.ch_mult) - 1)))
+        dd.update(dict(ch=32, ch_mult=(1,) * len(dd.ch_mult), num_res_blocks=1,
+                       resolution=8 * 2 ** (len(dd.ch_mult) - 1)))
         if m.cond_stage_config.target.endswith("BERTEmbedder"):
             m.cond_stage_config.params = dict(n_embed=32, n_layer=1, heads=2, dim_head=16)
         if m.cond_stage_config.target.endswith("ClassEmbedder"):
@@ -198,7 +199,7 @@ def train_autoencoder_case(batch, args):
     dtype = _dtype(args.dtype)
     size = 256
     if args.smoke:
-        cfg.model.ddconfig.update(dict(ch=32, ch_mult=(1, 1, 1, 1), resolution=32))
+        cfg.model.ddconfig.update(dict(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, resolution=32))
         size = 32
     loss = cfg.model.loss
     loss.disc_start = 0  # the GAN half runs, as after disc_start in the paper
@@ -417,7 +418,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--peer", default="", help="path of the diffusers peer script (peer_torch.py)")
-    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU, 2 repeats")
+    ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU, 1 repeat")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
     ap.add_argument("--param_dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="sampling weights (training keeps fp32 master weights)")
@@ -430,7 +431,7 @@ def main(argv=None):
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one case here
     args = ap.parse_args(argv)
     if args.smoke:
-        args.warmup, args.reps, args.steps = 1, 2, 5
+        args.warmup, args.reps, args.steps = 1, 1, 5  # every case end to end once; compiling dominates
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.one:
         from latentdiff.runtime import enable_compile_cache

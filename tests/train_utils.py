@@ -40,13 +40,14 @@ def sample(*overrides, devices=None, check=True, cwd=ROOT):
 def run_program(script, *args, devices=None, check=True, cwd=ROOT, **popen):
     """Run one of our programs in a subprocess: CompletedProcess or, with background=True, Popen.
 
-    Tiny models: compile time dominates, so most XLA optimisations are off and the runs of a test
-    share a compilation cache (results stay exact: every run of a test uses the same setting)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_DISABLE_MOST_OPTIMIZATIONS="true",
+    Tiny models: compile time dominates, so LLVM runs at -O1 without its expensive passes
+    (tests/conftest.py's XLA_FLAGS, inherited) and the runs of a test share a compilation cache
+    (results stay exact: every run of a test uses the same setting)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "latentdiff-test-jax-cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
     if popen.pop("background", False):
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
