@@ -87,7 +87,12 @@ def test_task_demo_trains_and_its_printed_sample_command_works(demo, tmp_path, c
     with open(os.path.join(wd, "report", "report.json")) as f:
         assert json.load(f)["task"] == TASK_CONFIGS[config]
     outdir = str(tmp_path / "samples")
-    sample(*sample_command(out.stdout), "--config.num_inference_steps=4", f"--config.outdir={outdir}")
+    # the report's batch (one sample per held-out condition): sample.py reuses its compiled program
+    from latentdiff.data import shapes
+
+    batch = len(shapes.CLASS_NAMES) if config == "demo_class" else len(shapes.HELDOUT)
+    sample(*sample_command(out.stdout), "--config.num_inference_steps=4", f"--config.batch_size={batch}",
+           f"--config.outdir={outdir}")
     pngs = [f for f in os.listdir(outdir) if f[0].isdigit()]
     assert pngs and all(Image.open(os.path.join(outdir, f)).size == (32, 32) for f in pngs)
     if config == "demo_superres":  # 5 pixels: not a multiple of the model's 2-pixel unit
