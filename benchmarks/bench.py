@@ -65,6 +65,15 @@ def _peak_memory_gib():
     return None if peak is None else round(peak / 2 ** 30, 2)
 
 
+def _xla_memory(analysis):
+    """XLA's memory analysis of a compiled program in GiB (the peak above also counts what the
+    compiler's autotuning allocated)."""
+    if analysis is None:
+        return {}
+    gib = lambda n: round(n / 2 ** 30, 2)
+    return dict(xla_args_gib=gib(analysis.argument_size_in_bytes), xla_temp_gib=gib(analysis.temp_size_in_bytes))
+
+
 def _flops(compiled):
     try:
         cost = compiled.cost_analysis()
@@ -157,10 +166,11 @@ def train_ldm_case(name, batch, args):
     jax.block_until_ready(metrics["loss"])
     pipelined = (time.perf_counter() - t0) / args.reps
     flops = _flops(compiled)
+    analysis = compiled.memory_analysis()  # XLA's own account of the step: state in, temporaries
     params = sum(x.size for x in jax.tree_util.tree_leaves(holder[0].params))
     return dict(batch=batch, params_M=round(params / 1e6, 1), step_s=round(seconds, 4),
                 img_per_s=round(batch / seconds, 1), pipelined_img_per_s=round(batch / pipelined, 1),
-                **_mfu(flops, seconds, args, name, batch))
+                **_xla_memory(analysis), **_mfu(flops, seconds, args, name, batch))
 
 
 def _is_vq(spec):
@@ -236,8 +246,9 @@ def _txt2img_spec(smoke, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _random_params(smoke):
-    """fp32 random weights of the txt2img model, all of them non-zero (the zero-initialised output
+def _random_params(smoke, dtype):
+    """Random weights of the txt2img model, drawn in fp32 and stored in `dtype` (no fp32 copy left
+    on the device to count in the peak memory), all of them non-zero (the zero-initialised output
     convs would make the UNet predict 0 and the sampler trivial). Shared by the cases of one process."""
     import jax
     import jax.flatten_util
@@ -256,21 +267,18 @@ def _random_params(smoke):
                                     jax.numpy.zeros((1, 8 * size, 8 * size, 3)))["params"],
             "cond": spec["cond_model"].init(k[2], *loaders.cond_example(spec["cond_model"]))["params"]}
         flat, unravel = jax.flatten_util.ravel_pytree(params)
-        return unravel(flat + 0.02 * jax.random.normal(k[3], flat.shape, flat.dtype))
+        params = unravel(flat + 0.02 * jax.random.normal(k[3], flat.shape, flat.dtype))
+        return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
 
     return parallel.host_init(init, jax.random.key(0), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 def _txt2img_pipeline(args, dtype):
-    import jax
-
     from latentdiff.models.tokenizer import BertTokenizer
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     spec = _txt2img_spec(args.smoke, dtype)
-    params = _random_params(args.smoke)
-    if args.param_dtype == "bfloat16":
-        params = jax.tree_util.tree_map(lambda a: a.astype(jax.numpy.bfloat16), params)
+    params = _random_params(args.smoke, _dtype(args.param_dtype))
     vocab = os.path.join(ROOT, "configs", "shapes_vocab.txt")
     return LatentDiffusionPipeline(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"],
                                    schedule=spec["schedule"], config=spec["config"], params=params,

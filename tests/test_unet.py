@@ -251,17 +251,41 @@ def test_call_errors(cond_ldm):
         model.apply({"params": params}, x[:, :15, :15], t, ctx)
 
 
-def test_padded_keys_masked_by_length_give_the_same_attention():
-    """The cuDNN path pads cross-attention's 77 keys to 80 and masks by length: the same result."""
-    from latentdiff.models.attention import pad_keys
+def test_padded_lengths_give_the_same_attention():
+    """The cuDNN path pads 77 tokens to 80 (keys masked by length, extra query rows dropped), for
+    cross-attention (77 keys) and LDMBert's self-attention (77 queries and keys): the same result."""
+    from latentdiff.models.attention import pad_lengths
 
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(kq, (2, 16, 2, 8))
-    k = jax.random.normal(kk, (2, 77, 2, 8))
-    v = jax.random.normal(kv, (2, 77, 2, 8))
-    kp, vp, lengths = pad_keys(k, v)
-    assert kp.shape == vp.shape == (2, 80, 2, 8) and lengths.tolist() == [77, 77]
-    want = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    got = jax.nn.dot_product_attention(q, kp, vp, key_value_seq_lengths=lengths, implementation="xla")
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-    assert pad_keys(kp, vp)[2] is None
+    for t in (16, 77):
+        q = jax.random.normal(kq, (2, t, 2, 8))
+        k = jax.random.normal(kk, (2, 77, 2, 8))
+        v = jax.random.normal(kv, (2, 77, 2, 8))
+        qp, kp, vp, lengths = pad_lengths(q, k, v)
+        assert qp.shape[1] == (16 if t == 16 else 80) and kp.shape == vp.shape == (2, 80, 2, 8)
+        assert lengths.tolist() == [77, 77]
+        want = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+        got = jax.nn.dot_product_attention(qp, kp, vp, key_value_seq_lengths=lengths, implementation="xla")
+        np.testing.assert_allclose(np.asarray(got[:, :t]), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert pad_lengths(qp, kp, vp)[3] is None
+
+
+def test_gelu_matches_torch_exact_gelu():
+    """layers.gelu (erf form, as torch) against torch's exact GELU, fp32 and bf16, with its gradient
+    (in the far negative tail, where GELU is below 1e-6, erf's 1 + erf(x) loses its few digits)."""
+    import torch
+
+    from latentdiff.models.layers import gelu
+
+    x = np.linspace(-8, 8, 4001, dtype=np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.gelu(tx)
+    ty.sum().backward()
+    np.testing.assert_allclose(np.asarray(gelu(jnp.asarray(x))), ty.detach().numpy(), rtol=1e-6, atol=2e-6)
+    grad = jax.grad(lambda v: gelu(v).sum())(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(grad), tx.grad.numpy(), rtol=1e-5, atol=1e-6)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    yb = gelu(xb)
+    assert yb.dtype == jnp.bfloat16
+    ref = torch.nn.functional.gelu(torch.tensor(np.asarray(xb.astype(jnp.float32)))).numpy()
+    np.testing.assert_allclose(np.asarray(yb.astype(jnp.float32)), ref, rtol=8e-3, atol=1e-6)

@@ -18,28 +18,34 @@ def _cudnn_ok(q):
             and q.shape[-1] <= _CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0)
 
 
-def pad_keys(k, v, multiple=8):
-    """Keys and values zero-padded along their length to a multiple of `multiple`, with the true
-    length per batch row (int32) for the attention's padding mask; (k, v, None) if none is needed."""
+def _pad_length(x, multiple):
+    """x zero-padded along axis 1 to a multiple of `multiple`."""
+    extra = -x.shape[1] % multiple
+    return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2)) if extra else x
+
+
+def pad_lengths(q, k, v, multiple=8):
+    """q, k, v zero-padded along their lengths to a multiple of `multiple`, with the true key length
+    per batch row (int32) for the attention's padding mask, None if the keys needed no padding.
+    Padded queries attend like the others; their rows of the output are to be dropped."""
     s = k.shape[1]
-    extra = -s % multiple
-    if not extra:
-        return k, v, None
-    widths = ((0, 0), (0, extra), (0, 0), (0, 0))
-    return jnp.pad(k, widths), jnp.pad(v, widths), jnp.full((k.shape[0],), s, jnp.int32)
+    lengths = None if not s % multiple else jnp.full((k.shape[0],), s, jnp.int32)
+    return (*(_pad_length(x, multiple) for x in (q, k, v)), lengths)
 
 
 def _cudnn_attention(q, k, v, scale):
-    """cuDNN flash attention, or None where it refuses the shapes. Key lengths that 8 does not
-    divide (the 77 text tokens of cross-attention), which cuDNN's backward pass refuses, are padded
-    and masked by length up front: under activation checkpointing the backward rule is traced
-    after this function returns, where a refusal could no longer fall back to XLA."""
-    k, v, lengths = pad_keys(k, v)
+    """cuDNN flash attention, or None where it refuses the shapes. Lengths that 8 does not divide
+    (the 77 tokens of text), which cuDNN refuses when training with a mask, are padded up front
+    (`pad_lengths`): under activation checkpointing the backward rule is traced after this function
+    returns, where a refusal could no longer fall back to XLA."""
+    t = q.shape[1]
+    q, k, v, lengths = pad_lengths(q, k, v)
     try:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
-                                            implementation="cudnn")
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths,
+                                           implementation="cudnn")
     except Exception:  # unsupported shape/version
         return None
+    return out[:, :t]
 
 
 def attention(q, k, v, scale=None, implementation=None):

@@ -13,6 +13,16 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def gelu(x):
+    """Exact GELU as torch computes it, 0.5 x (1 + erf(x / sqrt 2)), in float32, cast back.
+
+    jax.nn.gelu(approximate=False) goes through erfc, whose two branches XLA evaluates for every
+    element: the UNet's GEGLU took 2-3x the time of its memory traffic (sampling 3% slower).
+    """
+    x32 = x.astype(jnp.float32)
+    return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * 0.7071067811865476))).astype(x.dtype)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm computed in float32 (params `scale`, `bias`), returned in `dtype`.
 

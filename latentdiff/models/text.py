@@ -11,11 +11,10 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from latentdiff.models.attention import multihead
-from latentdiff.models.layers import LayerNorm, dense
+from latentdiff.models.layers import LayerNorm, dense, gelu
 
 Dtype = Any
 
@@ -93,7 +92,7 @@ class LDMBertLayer(nn.Module):
         h = LayerNorm(cfg.layer_norm_eps, name="self_attn_layer_norm", **kw)(x)
         x = x + SelfAttention(cfg.heads, cfg.head_dim, name="self_attn", **kw)(h)
         h = LayerNorm(cfg.layer_norm_eps, name="final_layer_norm", **kw)(x)
-        h = jax.nn.gelu(dense(cfg.ffn_dim, name="fc1", **kw)(h), approximate=False)
+        h = gelu(dense(cfg.ffn_dim, name="fc1", **kw)(h))
         return x + dense(cfg.width, name="fc2", **kw)(h)
 
 

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from latentdiff.models.attention import multihead
-from latentdiff.models.layers import (GroupNorm, LayerNorm, avg_pool2, conv, dense,
+from latentdiff.models.layers import (GroupNorm, LayerNorm, gelu, avg_pool2, conv, dense,
                                       timestep_embedding, upsample_nearest)
 
 Dtype = Any
@@ -453,7 +453,7 @@ class GEGLU(nn.Module):
     def __call__(self, x):
         h = dense(2 * self.inner, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         value, gate = jnp.split(h, 2, axis=-1)
-        return value * nn.gelu(gate, approximate=False)
+        return value * gelu(gate)
 
 
 class FeedForward(nn.Module):
