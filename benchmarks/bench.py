@@ -45,8 +45,12 @@ def _note(what):
 _T0 = time.perf_counter()
 
 
+_PROFILE = {}  # --profile: the running case's trace directory, then its kernel summary
+
+
 def _median_time(fn, warmup, reps):
-    """Median seconds of fn() (which must block until its work is done)."""
+    """Median seconds of fn() (which must block until its work is done); with --profile, one more
+    call traced (the first timed function of a case)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -54,6 +58,10 @@ def _median_time(fn, warmup, reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    if _PROFILE.get("dir") and "summary" not in _PROFILE:
+        import kernel_profile
+
+        _PROFILE["summary"] = kernel_profile.profile(fn, _PROFILE["dir"])
     return sorted(times)[len(times) // 2]
 
 
@@ -355,6 +363,9 @@ def run_case(name, args):
 
     if name in PEER_CASES:
         return peer_case(name, args)
+    _PROFILE.clear()
+    if args.profile:
+        _PROFILE["dir"] = os.path.join(args.profile, name)
     if name == "train_txt2img":
         out = train_ldm_case("txt2img_1p4b", 2 if args.smoke else 64, args)
     elif name == "train_cin256":
@@ -368,6 +379,8 @@ def run_case(name, args):
     else:
         raise SystemExit(f"unknown case {name!r}; one of {CASES + PEER_CASES}")
     out["peak_mem_gib"] = _peak_memory_gib()
+    if "summary" in _PROFILE:
+        out["profile"] = _PROFILE["summary"]
     out.update(device=jax.devices()[0].device_kind, jax=jax.__version__, dtype=args.dtype)
     return out
 
@@ -436,6 +449,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--peak_tflops", type=float, default=989.0, help="dense bf16 peak for MFU")
     ap.add_argument("--out", default="", help="append the JSON lines here")
+    ap.add_argument("--profile", default="", help="trace one timed call per case under this directory "
+                    "and add its kernel times by kind to the row (benchmarks/kernel_profile.py)")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run one case here
     args = ap.parse_args(argv)
     if args.smoke:

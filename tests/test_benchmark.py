@@ -11,7 +11,8 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
     out = tmp_path / "bench.jsonl"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--smoke",
-                           f"--out={out}"], capture_output=True, text=True, env=env, timeout=900)
+                           f"--out={out}", f"--profile={tmp_path / 'prof'}"], capture_output=True, text=True,
+                          env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"train_txt2img", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
@@ -26,6 +27,35 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
     assert rows["bf16_check"]["unet_rel_err"] < 1e-2
     assert rows["bf16_check"]["image_rel_err"] < 1e-2
     assert "| train_txt2img |" in proc.stdout and "| bf16_check |" in proc.stdout
+    # --profile traced one timed call of each timed case (the CPU has no device kernels to count)
+    for case in ("train_txt2img", "train_kl_f8", "sample_b1"):
+        assert rows[case]["profile"]["kernels"] == 0
+        assert list((tmp_path / "prof" / case).rglob("*.trace.json.gz"))
+
+
+def test_kernel_profile_sums_device_kernels_by_kind(tmp_path):
+    """A trace as jax.profiler writes it: device kernels summed by kind, busy time without overlaps."""
+    import gzip
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import kernel_profile
+
+    meta = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
+            dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU"))]
+    kernels = [("sm90_xmma_fprop_implicit_gemm_bf16", 0, 100), ("nvjet_sm90_tst_128x128", 50, 100),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 300, 40), ("input_reduce_fusion_3", 400, 10),
+               ("loop_multiply_fusion_28", 410, 30), ("loop_multiply_fusion_28", 500, 30)]
+    events = meta + [dict(ph="X", pid=1, tid=7, name=n, ts=t, dur=d) for n, t, d in kernels]
+    events.append(dict(ph="X", pid=2, tid=1, name="PjitFunction", ts=0, dur=5000))  # host: not counted
+    path = tmp_path / "x.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    got = kernel_profile.summarize(str(path), top=2)
+    assert got["kernels"] == 6 and got["kernel_ms"] == 0.31
+    assert got["busy_ms"] == 0.26 and got["window_ms"] == 0.53  # 0-150 overlapped, 300-340, 400-440, 500-530
+    assert got["by_kind"] == {"convolution": 0.1, "matmul": 0.1, "elementwise/other": 0.06, "attention": 0.04,
+                              "reduction": 0.01}
+    assert got["top"][0] == dict(name="sm90_xmma_fprop_implicit_gemm_bf16", ms=0.1, calls=1)
 
 
 def test_benchmark_reports_a_failing_case(tmp_path):
