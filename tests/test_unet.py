@@ -289,3 +289,43 @@ def test_gelu_matches_torch_exact_gelu():
     assert yb.dtype == jnp.bfloat16
     ref = torch.nn.functional.gelu(torch.tensor(np.asarray(xb.astype(jnp.float32)))).numpy()
     np.testing.assert_allclose(np.asarray(yb.astype(jnp.float32)), ref, rtol=8e-3, atol=1e-6)
+
+
+def test_fsdp_gather_in_every_layer_and_none_kept_by_checkpointed_blocks(cond_ldm):
+    """Under `layers.param_gather` (FSDP) every parameter passes through the gather exactly once,
+    where its layer runs; with checkpointed blocks the backward pass re-gathers their weights
+    instead of keeping the gathered (here: cast to bf16) copies, as gathering all up front did."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from latentdiff.models.layers import param_gather
+
+    cfg, params, (x, t, ctx), _ = cond_ldm
+    model = UNet(dataclasses.replace(cfg, remat=True))
+    seen = []
+
+    def cast(tree):  # the FSDP gather without devices to gather over: the cast to the compute dtype
+        return jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), tree)
+
+    def record(tree):
+        seen.extend(jax.tree_util.tree_leaves(tree))
+        return cast(tree)
+
+    with param_gather(record):
+        jax.eval_shape(lambda p: model.apply({"params": p}, x, t, ctx), params)
+    leaves = jax.tree_util.tree_leaves(params)
+    assert sorted(a.shape for a in seen) == sorted(a.shape for a in leaves)
+
+    def per_layer(p):
+        with param_gather(cast):
+            return jnp.sum(model.apply({"params": p}, x, t, ctx) ** 2)
+
+    def up_front(p):
+        return jnp.sum(model.apply({"params": cast(p)}, x, t, ctx) ** 2)
+
+    def kept_bf16_bytes(loss):
+        return sum(a.size * 2 for a, _ in saved_residuals(loss, params) if a.dtype == jnp.bfloat16)
+
+    weights = sum(a.size * 2 for a in leaves)
+    assert kept_bf16_bytes(up_front) > 0.8 * weights  # the gathered weights kept for the backward pass
+    assert kept_bf16_bytes(per_layer) < 0.2 * weights  # the layers outside the blocks only
+    np.testing.assert_allclose(float(jax.jit(per_layer)(params)), float(jax.jit(up_front)(params)), rtol=1e-6)

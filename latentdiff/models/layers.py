@@ -4,6 +4,8 @@ Conventions: NHWC activations; every module takes `dtype` (compute) and `param_d
 Norms always compute in float32 and return the compute dtype. Parameter names follow diffusers so
 that its checkpoints convert by rule (see `latentdiff.convert.torch_names`).
 """
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -11,6 +13,34 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+
+_PARAM_GATHER = contextvars.ContextVar("latentdiff_param_gather", default=None)
+
+
+@contextlib.contextmanager
+def param_gather(fn):
+    """While tracing in this context, every module made by `gathering` passes its parameters
+    through fn where it runs (FSDP: cast to the compute dtype and gathered whole onto each device)."""
+    token = _PARAM_GATHER.set(fn)
+    try:
+        yield
+    finally:
+        _PARAM_GATHER.reset(token)
+
+
+def _gather(params):
+    fn = _PARAM_GATHER.get()
+    return params if fn is None else fn(params)
+
+
+def gathering(cls, remat=False):
+    """`cls` whose parameters go through the active `param_gather` function where the module runs;
+    with `remat`, under activation checkpointing with the gather inside the checkpointed region, so
+    that the backward pass gathers a block's weights again instead of keeping every block's
+    gathered weights alive from the forward pass (ZeRO-3). Same parameters, names and values."""
+    cls = nn.map_variables(cls, "params", trans_in_fn=_gather, init=True)
+    return nn.remat(cls) if remat else cls
 
 
 def gelu(x):
@@ -110,11 +140,13 @@ class Conv2D(nn.Module):
 
 
 def conv(features, kernel=3, stride=1, padding=1, *, dtype, param_dtype, name, zero_init=False,
-         use_bias=True):
-    """A `Conv2D` with explicit symmetric padding (never 'SAME', which differs for stride 2)."""
+         use_bias=True, gather=False):
+    """A `Conv2D` with explicit symmetric padding (never 'SAME', which differs for stride 2);
+    `gather`: made by `gathering` (a layer outside the model's blocks)."""
     kwargs = dict(kernel_init=nn.initializers.zeros) if zero_init else {}
-    return Conv2D(features, kernel, stride, padding, use_bias=use_bias, dtype=dtype,
-                  param_dtype=param_dtype, name=name, **kwargs)
+    cls = gathering(Conv2D) if gather else Conv2D
+    return cls(features, kernel, stride, padding, use_bias=use_bias, dtype=dtype,
+               param_dtype=param_dtype, name=name, **kwargs)
 
 
 def dense(features, *, dtype, param_dtype, name, use_bias=True, zero_init=False):

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from latentdiff.models.attention import multihead
-from latentdiff.models.layers import LayerNorm, dense, gelu
+from latentdiff.models.layers import LayerNorm, dense, gathering, gelu
 
 Dtype = Any
 
@@ -111,18 +111,20 @@ class LDMBertEncoder(nn.Module):
         if length > cfg.max_length:
             raise ValueError(f"{length} tokens given; the text encoder takes at most {cfg.max_length}")
         init = nn.initializers.normal(0.02)
-        tokens = nn.Embed(cfg.vocab_size, cfg.width, embedding_init=init, name="embed_tokens", **kw)
-        positions = nn.Embed(cfg.max_length, cfg.width, embedding_init=init, name="embed_positions",
-                             **kw)
+        tokens = gathering(nn.Embed)(cfg.vocab_size, cfg.width, embedding_init=init, name="embed_tokens", **kw)
+        positions = gathering(nn.Embed)(cfg.max_length, cfg.width, embedding_init=init, name="embed_positions",
+                                        **kw)
         x = tokens(input_ids) + positions(jnp.arange(length))[None]
-        layer = nn.remat(LDMBertLayer) if cfg.remat else LDMBertLayer
+        layer = gathering(LDMBertLayer, remat=cfg.remat)
         for i in range(cfg.depth):
             x = layer(cfg, name=f"layers_{i}", **kw)(x)
-        return LayerNorm(cfg.layer_norm_eps, name="layer_norm", **kw)(x)
+        return gathering(LayerNorm)(cfg.layer_norm_eps, name="layer_norm", **kw)(x)
 
 
 class LDMBert(nn.Module):
     """Token ids (B, L) int32 -> embeddings (B, L, width); params under `model/` as in diffusers."""
+
+    gathers_params = True  # FSDP: each layer gathers its own weights (layers.gathering)
 
     config: TextEncoderConfig = TextEncoderConfig()
     dtype: Dtype = jnp.float32

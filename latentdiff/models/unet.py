@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from latentdiff.models.attention import multihead
-from latentdiff.models.layers import (GroupNorm, LayerNorm, gelu, avg_pool2, conv, dense,
+from latentdiff.models.layers import (GroupNorm, LayerNorm, gathering, gelu, avg_pool2, conv, dense,
                                       timestep_embedding, upsample_nearest)
 
 Dtype = Any
@@ -555,7 +555,7 @@ class _LevelBlock(nn.Module):
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
     def _wrap(self, cls):
-        return nn.remat(cls) if self.config.remat else cls
+        return gathering(cls, remat=self.config.remat)
 
     def res(self, name, out_channels, resample=None):
         cfg = self.config
@@ -578,8 +578,8 @@ class _LevelBlock(nn.Module):
         if cfg.resblock_updown:
             return self.res(name, x.shape[-1], direction)(x, emb)
         if direction == "down":
-            return Downsample(name=name, **self._kw())(x) if cfg.conv_resample else avg_pool2(x)
-        return Upsample(name=name, **self._kw())(x) if cfg.conv_resample else upsample_nearest(x)
+            return gathering(Downsample)(name=name, **self._kw())(x) if cfg.conv_resample else avg_pool2(x)
+        return gathering(Upsample)(name=name, **self._kw())(x) if cfg.conv_resample else upsample_nearest(x)
 
 
 class DownBlock(_LevelBlock):
@@ -655,6 +655,8 @@ class UNet(nn.Module):
     Returns float32 (the output head always runs in float32). H and W must be divisible by 2**(levels-1).
     """
 
+    gathers_params = True  # FSDP: each layer gathers its own weights (layers.gathering)
+
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -673,16 +675,16 @@ class UNet(nn.Module):
 
         t = jnp.broadcast_to(jnp.asarray(t), (b,))
         emb = timestep_embedding(t, cfg.model_channels, cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(emb)
+        emb = gathering(TimestepEmbedding)(cfg.time_embed_dim, name="time_embedding", **kw)(emb)
         if cfg.num_classes is not None:
             if y is None:
                 raise ValueError("this UNet is class-conditional: pass y (B,) class labels")
-            emb = emb + nn.Embed(cfg.num_classes, cfg.time_embed_dim, name="class_embedding",
-                                 **kw)(jnp.asarray(y, jnp.int32))
+            emb = emb + gathering(nn.Embed)(cfg.num_classes, cfg.time_embed_dim, name="class_embedding",
+                                            **kw)(jnp.asarray(y, jnp.int32))
         elif y is not None:
             raise ValueError("y given but the UNet has no num_classes")
 
-        h = conv(cfg.model_channels, name="conv_in", **kw)(x.astype(self.dtype))
+        h = conv(cfg.model_channels, name="conv_in", gather=True, **kw)(x.astype(self.dtype))
         skips = [h]
         for level in range(cfg.levels):
             h, s = DownBlock(cfg, level, name=f"down_blocks_{level}", **kw)(h, emb, context)
@@ -694,8 +696,8 @@ class UNet(nn.Module):
             skips = skips[:-n]
         # The output head runs in float32: guidance amplifies rounding of eps by ~2*scale.
         f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
-        h = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **f32)(h))
-        return conv(cfg.out_channels, name="conv_out", zero_init=True, **f32)(h)
+        h = nn.silu(gathering(GroupNorm)(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **f32)(h))
+        return conv(cfg.out_channels, name="conv_out", zero_init=True, gather=True, **f32)(h)
 
     def _check_context(self, context, batch):
         cfg = self.config

@@ -6,6 +6,7 @@ gradients; classifier-free-guidance dropout replaces it by the null input with p
 A non-finite loss leaves the state untouched and is reported in the metrics.
 """
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 from latentdiff.data.transforms import low_resolution
 from latentdiff.diffusion.objectives import diffusion_loss, training_target
 from latentdiff.models.autoencoder import DiagonalGaussian, VQModel, first_stage_latents
+from latentdiff.models.layers import param_gather
 from latentdiff.training.state import TrainState, ema_update, keep_if_finite
 
 
@@ -36,9 +38,10 @@ class LDMTask:
     ema_max_decay: float = 0.9999
     use_ema: bool = True
     # FSDP: the sharding (replicated over the mesh) that the trainable parameters are gathered to, in
-    # the UNet's compute dtype, before each forward pass. Every layer then runs as under data
-    # parallelism (whole weights, activations split by batch) and the gradients are reduce-scattered
-    # back to the parameters' shards. None: use the parameters where they are.
+    # the UNet's compute dtype, layer by layer where each runs (inside checkpointed blocks, so the
+    # backward pass gathers them again). Every layer then runs as under data parallelism (whole
+    # weights, activations split by batch) and the gradients are reduce-scattered back to the
+    # parameters' shards. None: use the parameters where they are.
     gather: Any = None
 
     def __hash__(self):
@@ -143,11 +146,8 @@ def loss_fn(task, params, frozen, batch, rng, scale_factor):
     return jnp.mean(diffusion_loss(pred, target, task.loss_type))
 
 
-def gathered(task, params):
-    """The parameters as the forward pass uses them: as they are, or (FSDP, `task.gather`) cast to
-    the compute dtype and gathered whole onto every device."""
-    if task.gather is None:
-        return params
+def gather_params(task, params):
+    """FSDP: parameters cast to the compute dtype and gathered whole onto every device (`task.gather`)."""
     dtype = task.unet.dtype
 
     def cast(x):
@@ -156,13 +156,25 @@ def gathered(task, params):
     return jax.lax.with_sharding_constraint(jax.tree_util.tree_map(cast, params), task.gather)
 
 
+def gathered(task, params):
+    """The parameters as the forward pass is given them: as they are, or with FSDP (`task.gather`)
+    the shards of the models that gather each layer where it runs (`gathers_params`: the UNet and
+    LDMBert, under `layers.param_gather`), and any other trainable model's parameters whole."""
+    if task.gather is None:
+        return params
+    models = {"unet": task.unet, "cond": task.cond_model}
+    return {name: tree if getattr(models.get(name), "gathers_params", False) else gather_params(task, tree)
+            for name, tree in params.items()}
+
+
 def train_step(task, tx, accumulate, state: TrainState, frozen, batch, base_rng):
     """One optimizer step (with `accumulate` micro-batches); returns (state, metrics)."""
     rng = jax.random.fold_in(base_rng, state.step)
 
     def grads_of(micro, key):
-        return jax.value_and_grad(
-            lambda p: loss_fn(task, gathered(task, p), frozen, micro, key, state.scale_factor))(state.params)
+        with param_gather(None if task.gather is None else functools.partial(gather_params, task)):
+            return jax.value_and_grad(
+                lambda p: loss_fn(task, gathered(task, p), frozen, micro, key, state.scale_factor))(state.params)
 
     if accumulate == 1:
         loss, grads = grads_of(batch, rng)
