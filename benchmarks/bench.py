@@ -73,13 +73,19 @@ def _peak_memory_gib():
     return None if peak is None else round(peak / 2 ** 30, 2)
 
 
-def _xla_memory(analysis):
-    """XLA's memory analysis of a compiled program in GiB (the peak above also counts what the
-    compiler's autotuning allocated)."""
-    if analysis is None:
+def gib(n):
+    return round(n / 2 ** 30, 4)
+
+
+def xla_memory(compiled):
+    """XLA's memory analysis of a compiled program, GiB per device: arguments, temporaries and the
+    total live at once (outputs that do not reuse a donated argument included)."""
+    m = compiled.memory_analysis()
+    if m is None:
         return {}
-    gib = lambda n: round(n / 2 ** 30, 2)
-    return dict(xla_args_gib=gib(analysis.argument_size_in_bytes), xla_temp_gib=gib(analysis.temp_size_in_bytes))
+    return dict(args_gib=gib(m.argument_size_in_bytes), temp_gib=gib(m.temp_size_in_bytes),
+                total_gib=gib(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+                              - m.alias_size_in_bytes))
 
 
 def _flops(compiled):
@@ -174,11 +180,10 @@ def train_ldm_case(name, batch, args):
     jax.block_until_ready(metrics["loss"])
     pipelined = (time.perf_counter() - t0) / args.reps
     flops = _flops(compiled)
-    analysis = compiled.memory_analysis()  # XLA's own account of the step: state in, temporaries
     params = sum(x.size for x in jax.tree_util.tree_leaves(holder[0].params))
     return dict(batch=batch, params_M=round(params / 1e6, 1), step_s=round(seconds, 4),
                 img_per_s=round(batch / seconds, 1), pipelined_img_per_s=round(batch / pipelined, 1),
-                **_xla_memory(analysis), **_mfu(flops, seconds, args, name, batch))
+                xla_memory=xla_memory(compiled), **_mfu(flops, seconds, args, name, batch))
 
 
 def _is_vq(spec):

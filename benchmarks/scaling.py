@@ -66,10 +66,6 @@ def res(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def gib(n):
-    return round(n / 2 ** 30, 4)
-
-
 class Step:
     """The txt2img train step of the benchmark (`text_trainable`: LDMBert trained too, tokens in the
     batch: the 1.45B setup) and what it needs: compiled per mesh and XLA options."""
@@ -102,11 +98,7 @@ class Step:
         t = time.time()
         compiled = step.lower(self.abstract, batch, jax.random.key(1)).compile(compiler_options=options or None)
         note(f"{n} devices, fsdp {fsdp}, {options or 'default'}: compiled in {time.time() - t:.1f} s")
-        m = compiled.memory_analysis()
-        memory = dict(args_gib=gib(m.argument_size_in_bytes), temp_gib=gib(m.temp_size_in_bytes),
-                      total_gib=gib(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
-                                    - m.alias_size_in_bytes))
-        return compiled, shardings, bs, memory
+        return compiled, shardings, bs, bench.xla_memory(compiled)
 
     def batch(self, n, sharding):
         keys = jax.random.split(jax.random.key(2), len(self.shapes))
@@ -161,7 +153,7 @@ def fsdp_memory(n, per_device):
             seconds = time_it(compiled, [state], step.batch(n, bs))
             stats = jax.devices()[0].memory_stats() or {}
             row.update(step_s=round(seconds, 4), img_per_s=round(n * per_device / seconds, 1),
-                       peak_gib=gib(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None)
+                       peak_gib=bench.gib(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None)
             del state
         res(**row)
 

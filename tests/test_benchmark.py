@@ -21,6 +21,7 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
         assert rows[case]["img_per_s"] > 0 and rows[case]["step_s"] > 0
         assert rows[case]["tflops_per_s"] > 0  # XLA's cost analysis of the compiled step
     assert rows["train_cin256"]["params_M"] > 0
+    assert rows["train_txt2img"]["xla_memory"]["args_gib"] > 0  # XLA's analysis of the step
     for b in (1, 16, 64):
         assert rows[f"sample_b{b}"]["batch"] == b and rows[f"sample_b{b}"]["img_per_s"] > 0
     # bf16 compute with fp32 weights stays within 1e-2 of fp32 on the same inputs

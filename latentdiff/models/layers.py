@@ -43,6 +43,10 @@ def gathering(cls, remat=False):
     return nn.remat(cls) if remat else cls
 
 
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
 @jax.custom_vjp
 def gelu(x):
     """Exact GELU as torch computes it, 0.5 x (1 + erf(x / sqrt 2)), in float32, cast back.
@@ -55,9 +59,6 @@ def gelu(x):
     return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
 
 
-_SQRT_HALF = 0.7071067811865476
-
-
 def _gelu_fwd(x):
     return gelu(x), x
 
@@ -65,7 +66,7 @@ def _gelu_fwd(x):
 def _gelu_bwd(x, g):
     x32 = x.astype(jnp.float32)
     cdf = 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))
-    pdf = jnp.exp(-0.5 * jnp.square(x32)) * (_SQRT_HALF / 1.7724538509055159)  # 1 / sqrt(2 pi)
+    pdf = jnp.exp(-0.5 * jnp.square(x32)) * _INV_SQRT_2PI
     return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
 
 
