@@ -291,6 +291,63 @@ def test_gelu_matches_torch_exact_gelu():
     np.testing.assert_allclose(np.asarray(yb.astype(jnp.float32)), ref, rtol=8e-3, atol=1e-6)
 
 
+def test_geglu_and_its_gradient_match_torch():
+    """layers.geglu (value * gelu(gate)) and its gradient against torch (fp32); in bf16 its
+    backward keeps h alone."""
+    import torch
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from latentdiff.models.layers import geglu
+
+    rng = np.random.default_rng(1)
+    h = (rng.standard_normal((3, 7, 32)) * 2).astype(np.float32)
+    cot = rng.standard_normal((3, 7, 16)).astype(np.float32)
+    th = torch.tensor(h, requires_grad=True)
+    value, gate = th.chunk(2, dim=-1)
+    ty = value * torch.nn.functional.gelu(gate)
+    ty.backward(torch.tensor(cot))
+    y, vjp = jax.vjp(geglu, jnp.asarray(h))
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(cot))[0]), th.grad.numpy(), rtol=1e-5, atol=1e-5)
+    res = saved_residuals(lambda a: geglu(a).astype(jnp.float32).sum(), jnp.asarray(h, jnp.bfloat16))
+    assert [(r.shape, r.dtype) for r, _ in res] == [(h.shape, jnp.bfloat16)]
+
+
+@pytest.mark.parametrize("silu", [False, True])
+def test_norms_and_their_gradients_match_torch(silu):
+    """group_norm (+ SiLU) and layer_norm, values and gradients for x, scale and bias, against
+    torch's (fp32); in bf16 their backward keeps only the bf16 input and per-group statistics."""
+    import torch
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from latentdiff.models.layers import group_norm, layer_norm
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 6, 5, 64)) * 3 + 1).astype(np.float32)
+    scale, bias = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    cot = rng.standard_normal(x.shape).astype(np.float32)
+    cases = {
+        "group": (lambda a, s, b: group_norm(a, s, b, 8, 1e-5, silu, jnp.float32),
+                  lambda a, s, b: torch.nn.functional.group_norm(a.permute(0, 3, 1, 2), 8, s, b, 1e-5)
+                  .permute(0, 2, 3, 1)),
+        "layer": (lambda a, s, b: layer_norm(a, s, b, 1e-5, jnp.float32),
+                  lambda a, s, b: torch.nn.functional.layer_norm(a, (64,), s, b, 1e-5)),
+    }
+    for name, (ours, theirs) in cases.items():
+        post = torch.nn.functional.silu if (silu and name == "group") else (lambda v: v)
+        tx, ts, tb = (torch.tensor(v, requires_grad=True) for v in (x, scale, bias))
+        ty = post(theirs(tx, ts, tb))
+        ty.backward(torch.tensor(cot))
+        y, vjp = jax.vjp(ours, jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+        np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+        for got, want in zip(vjp(jnp.asarray(cot)), (tx.grad, ts.grad, tb.grad)):
+            np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+        xb = jnp.asarray(x, jnp.bfloat16)
+        res = saved_residuals(lambda a: ours(a, jnp.asarray(scale), jnp.asarray(bias)).astype(jnp.float32).sum(), xb)
+        big = [(r.dtype, why) for r, why in res if r.size >= x.size]
+        assert big == [(jnp.bfloat16, big[0][1])], (name, big)
+
+
 def test_fsdp_gather_in_every_layer_and_none_kept_by_checkpointed_blocks(cond_ldm):
     """Under `layers.param_gather` (FSDP) every parameter passes through the gather exactly once,
     where its layer runs; with checkpointed blocks the backward pass re-gathers their weights

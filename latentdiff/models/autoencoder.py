@@ -218,13 +218,13 @@ class _Block(nn.Module):
         return conv(features, kernel, stride, padding, dtype=self.dtype,
                     param_dtype=self.param_dtype, name=name)
 
-    def norm(self, name, dtype=None):
+    def norm(self, name, dtype=None, silu=False):
         return GroupNorm(self.config.norm_num_groups, self.config.norm_eps,
-                         dtype=dtype or self.dtype, param_dtype=self.param_dtype, name=name)
+                         dtype=dtype or self.dtype, param_dtype=self.param_dtype, silu=silu, name=name)
 
     def norm_swish(self, x, name):
         """GroupNorm then swish in float32 (the next conv rounds once to the compute dtype)."""
-        return nn.swish(self.norm(name, jnp.float32)(x))
+        return self.norm(name, jnp.float32, silu=True)(x)
 
     def sub(self, cls, name, **kwargs):
         return cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name=name, **kwargs)

@@ -6,6 +6,7 @@ that its checkpoints convert by rule (see `latentdiff.convert.torch_names`).
 """
 import contextlib
 import contextvars
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -63,49 +64,156 @@ def _gelu_fwd(x):
     return gelu(x), x
 
 
+def _gelu_parts(x32):
+    """Phi(x) and phi(x), the normal CDF and density: GELU = x Phi(x), GELU' = Phi(x) + x phi(x)."""
+    return 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF)), jnp.exp(-0.5 * jnp.square(x32)) * _INV_SQRT_2PI
+
+
 def _gelu_bwd(x, g):
     x32 = x.astype(jnp.float32)
-    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))
-    pdf = jnp.exp(-0.5 * jnp.square(x32)) * _INV_SQRT_2PI
+    cdf, pdf = _gelu_parts(x32)
     return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
-class GroupNorm(nn.Module):
-    """GroupNorm computed in float32 (params `scale`, `bias`), returned in `dtype`.
+@jax.custom_vjp
+def geglu(h):
+    """GEGLU's gate: value * gelu(gate) for h = [value | gate] (last axis). Training keeps h alone
+    (not the halves or gelu(gate) besides it) and recomputes the rest in the backward pass."""
+    value, gate = jnp.split(h, 2, axis=-1)
+    return value * gelu(gate)
 
-    The statistics are per-channel sums over space (one read of x, no transpose of the grouped
-    axes), pooled per group; the normalisation is then one per-channel scale and shift, which XLA
-    fuses with what follows (SiLU, the cast).
-    """
+
+def _geglu_fwd(h):
+    return geglu(h), h
+
+
+def _geglu_bwd(h, g):
+    value, gate = (v.astype(jnp.float32) for v in jnp.split(h, 2, axis=-1))
+    g32 = g.astype(jnp.float32)
+    cdf, pdf = _gelu_parts(gate)
+    return (jnp.concatenate([g32 * gate * cdf, g32 * value * (cdf + gate * pdf)], axis=-1).astype(h.dtype),)
+
+
+geglu.defvjp(_geglu_fwd, _geglu_bwd)
+
+
+def _group_stats(x32, groups, eps):
+    """Per (batch, group) mean and 1/std of x (b, n, c), from per-channel sums over space."""
+    b, n, c = x32.shape
+    count = n * (c // groups)
+    s1 = jnp.sum(x32, axis=1).reshape(b, groups, c // groups).sum(-1)
+    s2 = jnp.sum(jnp.square(x32), axis=1).reshape(b, groups, c // groups).sum(-1)
+    mean = s1 / count
+    var = jnp.maximum(s2 / count - jnp.square(mean), 0.0)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def _per_channel(v, c):
+    """(b, groups) -> (b, 1, c): each group's value for its channels."""
+    return jnp.repeat(v, c // v.shape[1], axis=1)[:, None, :]
+
+
+def _group_norm_core(x, scale, bias, groups, eps, silu, dtype):
+    x32 = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
+    mean, rstd = _group_stats(x32, groups, eps)
+    c = x.shape[-1]
+    a = _per_channel(rstd, c) * scale
+    z = x32 * a + (bias - _per_channel(mean, c) * a)
+    y = z * jax.nn.sigmoid(z) if silu else z
+    return y.reshape(x.shape).astype(dtype), (mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def group_norm(x, scale, bias, groups, eps, silu, dtype):
+    """GroupNorm of x (b, ..., c) in float32 with float32 `scale`, `bias` (c,), then SiLU if
+    `silu`, returned in `dtype`. The statistics are per-channel sums over space (one read of x,
+    no transpose of the grouped axes), pooled per group; the normalisation is one per-channel
+    scale and shift that XLA fuses with what follows. Its gradient is recomputed from x and the
+    per-group statistics, so training keeps x (in its own dtype) and nothing in float32."""
+    return _group_norm_core(x, scale, bias, groups, eps, silu, dtype)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, eps, silu, dtype):
+    y, (mean, rstd) = _group_norm_core(x, scale, bias, groups, eps, silu, dtype)
+    return y, (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(groups, eps, silu, dtype, res, g):
+    x, scale, bias, mean, rstd = res
+    b, c = x.shape[0], x.shape[-1]
+    x32 = x.astype(jnp.float32).reshape(b, -1, c)
+    xhat = (x32 - _per_channel(mean, c)) * _per_channel(rstd, c)
+    gz = g.astype(jnp.float32).reshape(b, -1, c)
+    if silu:
+        z = xhat * scale + bias
+        s = jax.nn.sigmoid(z)
+        gz = gz * (s * (1.0 + z * (1.0 - s)))
+    sum_g = jnp.sum(gz, axis=1)  # (b, c)
+    sum_gx = jnp.sum(gz * xhat, axis=1)
+    count = x32.shape[1] * (c // groups)
+    m1 = (sum_g * scale).reshape(b, groups, -1).sum(-1) / count  # mean of dL/dxhat per group
+    m2 = (sum_gx * scale).reshape(b, groups, -1).sum(-1) / count  # mean of dL/dxhat * xhat
+    dx = _per_channel(rstd, c) * (gz * scale - _per_channel(m1, c) - xhat * _per_channel(m2, c))
+    return dx.reshape(x.shape).astype(x.dtype), jnp.sum(sum_gx, axis=0), jnp.sum(sum_g, axis=0)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm (params `scale`, `bias`), then SiLU if `silu`: `group_norm` in a module."""
 
     num_groups: int = 32
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    silu: bool = False
 
     @nn.compact
     def __call__(self, x):
-        b, c, g = x.shape[0], x.shape[-1], self.num_groups
-        x32 = x.astype(jnp.float32).reshape(b, -1, c)
-        n = x32.shape[1] * (c // g)
-        s1 = jnp.sum(x32, axis=1).reshape(b, g, c // g).sum(-1)
-        s2 = jnp.sum(jnp.square(x32), axis=1).reshape(b, g, c // g).sum(-1)
-        mean = s1 / n
-        var = jnp.maximum(s2 / n - jnp.square(mean), 0.0)
-        inv = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), c // g, axis=1)  # (b, c)
+        c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
-        a = inv * scale
-        shift = bias - jnp.repeat(mean, c // g, axis=1) * a
-        y = x32 * a[:, None, :] + shift[:, None, :]
-        return y.reshape(x.shape).astype(self.dtype)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu, self.dtype)
+
+
+def _layer_norm_core(x, scale, bias, eps, dtype):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + eps)
+    return ((x32 - mean) * rstd * scale + bias).astype(dtype), (mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, eps, dtype):
+    """LayerNorm over the last axis in float32, returned in `dtype`; like `group_norm`, its
+    gradient is recomputed from x and the per-row statistics (no float32 residuals)."""
+    return _layer_norm_core(x, scale, bias, eps, dtype)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps, dtype):
+    y, (mean, rstd) = _layer_norm_core(x, scale, bias, eps, dtype)
+    return y, (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(eps, dtype, res, g):
+    x, scale, mean, rstd = res
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g32 = g.astype(jnp.float32)
+    gx = g32 * scale
+    dx = rstd * (gx - jnp.mean(gx, axis=-1, keepdims=True) - xhat * jnp.mean(gx * xhat, axis=-1, keepdims=True))
+    lead = tuple(range(x.ndim - 1))
+    return dx.astype(x.dtype), jnp.sum(g32 * xhat, axis=lead), jnp.sum(g32, axis=lead)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis, computed in float32 (torch's default eps 1e-5)."""
+    """LayerNorm over the last axis (torch's default eps 1e-5): `layer_norm` in a module."""
 
     epsilon: float = 1e-5
     dtype: Dtype = jnp.float32
@@ -113,14 +221,10 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        return layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
 class Conv2D(nn.Module):

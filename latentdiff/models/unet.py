@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from latentdiff.models.attention import multihead
-from latentdiff.models.layers import (GroupNorm, LayerNorm, gathering, gelu, avg_pool2, conv, dense,
+from latentdiff.models.layers import (GroupNorm, LayerNorm, gathering, geglu, avg_pool2, conv, dense,
                                       timestep_embedding, upsample_nearest)
 
 Dtype = Any
@@ -388,7 +388,7 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gn = dict(num_groups=self.norm_num_groups, epsilon=self.norm_eps, **kw)
-        h = nn.silu(GroupNorm(name="norm1", **gn)(x))
+        h = GroupNorm(name="norm1", silu=True, **gn)(x)
         if self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
         elif self.resample == "down":
@@ -398,10 +398,10 @@ class ResBlock(nn.Module):
         e = dense(width, name="time_emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e, 2, axis=-1)
-            h = GroupNorm(name="norm2", **gn)(h) * (1 + scale) + shift
+            h = nn.silu(GroupNorm(name="norm2", **gn)(h) * (1 + scale) + shift)
         else:
-            h = GroupNorm(name="norm2", **gn)(h + e)
-        h = conv(self.out_channels, name="conv2", zero_init=True, **kw)(nn.silu(h))
+            h = GroupNorm(name="norm2", silu=True, **gn)(h + e)
+        h = conv(self.out_channels, name="conv2", zero_init=True, **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, padding=0, name="conv_shortcut", **kw)(x)
         return x + h
@@ -452,8 +452,7 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         h = dense(2 * self.inner, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        value, gate = jnp.split(h, 2, axis=-1)
-        return value * gelu(gate)
+        return geglu(h)
 
 
 class FeedForward(nn.Module):
@@ -696,7 +695,8 @@ class UNet(nn.Module):
             skips = skips[:-n]
         # The output head runs in float32: guidance amplifies rounding of eps by ~2*scale.
         f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
-        h = nn.silu(gathering(GroupNorm)(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **f32)(h))
+        h = gathering(GroupNorm)(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", silu=True,
+                                **f32)(h)
         return conv(cfg.out_channels, name="conv_out", zero_init=True, gather=True, **f32)(h)
 
     def _check_context(self, context, batch):
