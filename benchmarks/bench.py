@@ -258,32 +258,65 @@ def _txt2img_spec(smoke, dtype):
     return loaders.build_ldm(compvis_params(_config("txt2img_1p4b", smoke, remat=False).model), dtype)
 
 
+def _init_constants(init):
+    """Shapes of `init()`'s parameters and, per leaf, the constant it is initialised to (flax's
+    zeros and ones: biases, norm scales, zero-initialised output layers) or None (random), read
+    from its traced program without compiling or running it."""
+    import jax
+
+    closed, shapes = jax.make_jaxpr(init, return_shape=True)()
+    made_by = {id(v): e for e in closed.jaxpr.eqns for v in e.outvars}
+
+    def constant(v):
+        e = made_by.get(id(v))
+        if e is not None and e.primitive.name == "broadcast_in_dim" and hasattr(e.invars[0], "val"):
+            return float(e.invars[0].val)
+        return None
+
+    return shapes, jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes),
+                                                [constant(v) for v in closed.jaxpr.outvars])
+
+
+def _random_leaf(gen, path, shape, constant, dtype):
+    """One parameter drawn by numpy: its constant init (if any) or N(0, 1/fan_in) (flax's lecun
+    normal; Dense kernels (in, out), Conv2D kernels (out, kh, kw, in), embeddings 1/width), plus
+    N(0, 0.02^2) everywhere so that no weight is zero."""
+    import numpy as np
+
+    noise = gen.standard_normal(shape, dtype=np.float32)
+    if constant is None:
+        name = getattr(path[-1], "key", "")
+        fan_in = shape[-1] if name == "embedding" else shape[0] if len(shape) == 2 else int(np.prod(shape[1:]))
+        noise *= np.float32((1.0 / fan_in + 0.02 ** 2) ** 0.5)
+    else:
+        noise *= np.float32(0.02)
+        noise += np.float32(constant)
+    return noise.astype(dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _random_params(smoke, dtype):
-    """Random weights of the txt2img model, drawn in fp32 and stored in `dtype` (no fp32 copy left
-    on the device to count in the peak memory), all of them non-zero (the zero-initialised output
-    convs would make the UNet predict 0 and the sampler trivial). Shared by the cases of one process."""
+    """Random weights of the txt2img model (UNet, KL-f8, LDMBert), stored in `dtype` (no fp32 copy
+    left on the device to count in the peak memory), none of them zero (the zero-initialised output
+    convs would make the UNet predict 0 and the sampler trivial). Drawn by numpy, per leaf, after
+    flax's init (`_init_constants`): seconds, where compiling the init program for the CPU took two
+    minutes for the 1.45B model. Shared by the cases of one process."""
     import jax
-    import jax.flatten_util
+    import numpy as np
 
-    from latentdiff import parallel
     from latentdiff.convert import loaders
 
     spec = _txt2img_spec(smoke, jax.numpy.float32)
     size = 2 ** (len(spec["unet"].config.channel_mult) - 1)
-
-    def init(k):
-        k = jax.random.split(k, 4)
-        params = {
-            "unet": spec["unet"].init(k[0], *loaders.unet_example(spec["unet"], size))["params"],
-            "vae": spec["vae"].init({"params": k[1], "sample": k[1]},
-                                    jax.numpy.zeros((1, 8 * size, 8 * size, 3)))["params"],
-            "cond": spec["cond_model"].init(k[2], *loaders.cond_example(spec["cond_model"]))["params"]}
-        flat, unravel = jax.flatten_util.ravel_pytree(params)
-        params = unravel(flat + 0.02 * jax.random.normal(k[3], flat.shape, flat.dtype))
-        return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
-
-    return parallel.host_init(init, jax.random.key(0), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    k = jax.random.key(0)
+    shapes, constants = _init_constants(lambda: {
+        "unet": spec["unet"].init(k, *loaders.unet_example(spec["unet"], size))["params"],
+        "vae": spec["vae"].init({"params": k, "sample": k}, jax.numpy.zeros((1, 8 * size, 8 * size, 3)))["params"],
+        "cond": spec["cond_model"].init(k, *loaders.cond_example(spec["cond_model"]))["params"]})
+    gen = np.random.default_rng(0)
+    host = jax.tree_util.tree_map_with_path(lambda p, a, c: _random_leaf(gen, p, a.shape, c, dtype),
+                                            shapes, constants, is_leaf=lambda x: x is None)
+    return jax.device_put(host, jax.devices()[0])
 
 
 def _txt2img_pipeline(args, dtype):
