@@ -363,10 +363,13 @@ def bf16_check_case(args):
     x = jax.random.normal(k[0], (4, size, size, 4))
     t = jnp.array([10, 250, 500, 900])
     ctx = jax.random.normal(k[1], (4, 77, p32.unet.config.context_dim))
-    outs = {d: jax.jit(p.unet.apply)({"params": unet_params}, x, t, ctx).astype(jnp.float32)
-            for d, p in pipes.items()}
-    images = {d: p(["a red circle at the top left"], rng=k[2], num_inference_steps=args.steps,
-                   guidance_scale=6.0, output_type="float") for d, p in pipes.items()}
+    outs, images = {}, {}
+    for d, p in pipes.items():
+        # the float32 reference in true float32: by default GPUs run float32 matmuls and convs in TF32
+        with jax.default_matmul_precision("highest" if d == "float32" else "default"):
+            outs[d] = jax.jit(p.unet.apply)({"params": unet_params}, x, t, ctx).astype(jnp.float32)
+            images[d] = p(["a red circle at the top left"], rng=k[2], num_inference_steps=args.steps,
+                          guidance_scale=6.0, output_type="float")
     return dict(unet_rel_err=rel(outs["bfloat16"], outs["float32"]),
                 image_rel_err=rel(images["bfloat16"], images["float32"]))
 

@@ -5,7 +5,8 @@
                                           # for each --variants entry (mesh and XLA scheduling)
     python benchmarks/scaling.py fsdp     # the 1.45B model (UNet + trainable LDMBert): per-device
                                           # memory of data parallel vs FSDP over N devices (compile
-                                          # only); --time also times both steps
+                                          # only); --time also times the steps, --meshes=fsdp
+                                          # one of them
     python benchmarks/scaling.py sample   # 50-step guided DDIM, the same per-GPU batch on 1 vs N GPUs
     python benchmarks/scaling.py dp --smoke   # tiny model, 2 fake CPU devices (CI runs all three)
 
@@ -36,7 +37,8 @@ ap.add_argument("--devices", type=int, default=0, help="devices to scale to (0: 
 ap.add_argument("--reps", type=int, default=3, help="interleaved repeats")
 ap.add_argument("--variants", default="dp,dp_lhs", help=f"dp: comma-separated, of {sorted(VARIANTS)}")
 ap.add_argument("--remat", action="store_true", help="fsdp: activation checkpointing in the UNet")
-ap.add_argument("--time", action="store_true", help="fsdp: also run and time both steps")
+ap.add_argument("--time", action="store_true", help="fsdp: also run and time the steps")
+ap.add_argument("--meshes", default="dp,fsdp", help="fsdp: which of dp,fsdp to compile (and time)")
 args = ap.parse_args()
 if args.smoke:
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -144,17 +146,19 @@ def fsdp_memory(n, per_device):
     without autotuning unless --time) and, with --time, the step time of each."""
     step = Step(per_device, text_trainable=True, remat=args.remat)
     options = None if args.time else {"xla_gpu_autotune_level": 0}
-    for fsdp in (1, n):
+    host_state = None
+    for fsdp in [{"dp": 1, "fsdp": n}[m] for m in args.meshes.split(",")]:
         compiled, sh, bs, m = step.compile(n, fsdp, None if args.smoke else options)
         row = dict(what="memory_1p45b", mesh=f"data={n // fsdp} fsdp={fsdp}", per_device_batch=per_device,
                    remat=args.remat, **m)
-        if args.time:
-            state = init_train_state(step.init_params, step.make_state, jax.random.key(0), sh)
-            seconds = time_it(compiled, [state], step.batch(n, bs))
+        if args.time:  # the state is drawn once (two minutes on the host for 1.45B) and laid out per mesh
+            if host_state is None:
+                host_state = parallel.to_host(init_train_state(step.init_params, step.make_state,
+                                                               jax.random.key(0), sh))
+            seconds = time_it(compiled, [jax.device_put(host_state, sh)], step.batch(n, bs))
             stats = jax.devices()[0].memory_stats() or {}
             row.update(step_s=round(seconds, 4), img_per_s=round(n * per_device / seconds, 1),
                        peak_gib=bench.gib(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None)
-            del state
         res(**row)
 
 

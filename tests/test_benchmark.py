@@ -69,7 +69,7 @@ def test_benchmark_reports_a_failing_case(tmp_path):
 
 def test_scaling_smoke_on_two_fake_devices():
     rows = {}
-    for what, extra in (("dp", ["--variants=fsdp"]), ("fsdp", []), ("sample", [])):
+    for what, extra in (("dp", ["--variants=fsdp"]), ("fsdp", ["--time"]), ("sample", [])):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scaling.py"), what, "--smoke",
                                "--reps=1", *extra], capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -82,5 +82,6 @@ def test_scaling_smoke_on_two_fake_devices():
     by_mesh = {r["mesh"]: r for r in rows["fsdp"]}
     # parameters, EMA and optimizer state sharded over 2 devices take less memory per device
     assert by_mesh["data=1 fsdp=2"]["args_gib"] < by_mesh["data=2 fsdp=1"]["args_gib"]
+    assert all(r["step_s"] > 0 and r["img_per_s"] > 0 for r in by_mesh.values())  # --time: both steps ran
     (sample,) = rows["sample"]
     assert sample["devices"] == 2 and sample["one_img_per_s"] > 0 and sample["all_img_per_s"] > 0
