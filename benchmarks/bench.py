@@ -17,6 +17,9 @@ reference FLOP counts for the full-size UNets and XLA's count otherwise, against
   train_kl_f8     the KL-f8 autoencoder with LPIPS and the PatchGAN (both updates), 256 px, batch 8
   sample_b{1,16,64}  txt2img (LDMBert + UNet + decoder) 50 DDIM steps, guidance 6, one jitted program
   bf16_check      bf16 vs fp32 on the same inputs: UNet output and one sampled image (relative error)
+  bf16_vs_torch   the same for the txt2img UNet and diffusers' with torch autocast, on the same weights
+                  (diffusers' random init) and inputs: how our bf16 error compares with torch's
+                  (needs torch and diffusers; run with --peer or named in --cases)
 
 The real code paths run: `ldm_step.train_step` (AdamW, EMA, finite guard), the autoencoder loop's
 step, and `LatentDiffusionPipeline.__call__` (tokenising, device transfer and the uint8 images).
@@ -35,6 +38,7 @@ sys.path.insert(0, ROOT)
 
 CASES = ("train_txt2img", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16", "sample_b64", "bf16_check")
 PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1")
+TORCH_CASES = ("bf16_vs_torch",)  # need torch and diffusers, added by --peer
 
 
 def _note(what):
@@ -374,6 +378,70 @@ def bf16_check_case(args):
                 image_rel_err=rel(images["bfloat16"], images["float32"]))
 
 
+# The txt2img UNet as diffusers builds it (the peer's model); smoke: two small levels.
+TXT2IMG_DIFFUSERS = dict(in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                         layers_per_block=2, attention_head_dim=8, cross_attention_dim=1280)
+SMOKE_DIFFUSERS = dict(TXT2IMG_DIFFUSERS, block_out_channels=(32, 64), layers_per_block=1,
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                       norm_num_groups=8)
+
+
+def bf16_vs_torch_case(args):
+    """bf16 against fp32 (true fp32: no TF32) for our UNet and diffusers' under torch autocast, on
+    the same weights (diffusers' random init plus N(0, 0.02^2), converted) and the same inputs."""
+    import diffusers
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from latentdiff.convert import loaders
+    from latentdiff.convert.torch_names import convert_state_dict
+    from latentdiff.models.unet import UNet, UNetConfig
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    size = 8 if args.smoke else 32
+    torch.manual_seed(0)
+    tm = diffusers.UNet2DConditionModel(sample_size=size, **(SMOKE_DIFFUSERS if args.smoke else TXT2IMG_DIFFUSERS))
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    tm = tm.eval().to(dev)
+    cfg = UNetConfig.from_diffusers(dict(tm.config))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, size, size, 4), dtype=np.float32)
+    t = np.array([10, 250, 500, 900])
+    ctx = rng.standard_normal((4, 77, cfg.context_dim), dtype=np.float32)
+    sd = {k: v.detach().float().cpu().numpy() for k, v in tm.state_dict().items()}
+    params = convert_state_dict(sd, loaders.abstract_params(UNet(cfg), x, t, ctx))
+    del sd
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    theirs = {}
+    with torch.no_grad():
+        inputs = (torch.from_numpy(x.transpose(0, 3, 1, 2)).to(dev), torch.from_numpy(t).to(dev),
+                  torch.from_numpy(ctx).to(dev))
+        theirs["float32"] = tm(*inputs[:2], encoder_hidden_states=inputs[2]).sample.cpu().numpy()
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            theirs["bfloat16"] = tm(*inputs[:2], encoder_hidden_states=inputs[2]).sample.float().cpu().numpy()
+    del tm
+    ours = {}
+    for d in ("float32", "bfloat16"):
+        with jax.default_matmul_precision("highest" if d == "float32" else "default"):
+            out = jax.jit(UNet(cfg, dtype=_dtype(d)).apply)({"params": params}, x, t, ctx)
+        ours[d] = np.asarray(out.astype(jnp.float32)).transpose(0, 3, 1, 2)
+    return dict(ours_rel_err=rel(ours["bfloat16"], ours["float32"]),
+                torch_autocast_rel_err=rel(theirs["bfloat16"], theirs["float32"]),
+                fp32_ours_vs_torch=rel(ours["float32"], theirs["float32"]), torch=torch.__version__)
+
+
 def peer_case(which, args):
     """The diffusers peer (`--peer`: the reference peer_torch.py) with torch's peak memory."""
     import io
@@ -417,8 +485,10 @@ def run_case(name, args):
         out = sample_case(int(name[len("sample_b"):]), args)
     elif name == "bf16_check":
         out = bf16_check_case(args)
+    elif name == "bf16_vs_torch":
+        out = bf16_vs_torch_case(args)
     else:
-        raise SystemExit(f"unknown case {name!r}; one of {CASES + PEER_CASES}")
+        raise SystemExit(f"unknown case {name!r}; one of {CASES + TORCH_CASES + PEER_CASES}")
     out["peak_mem_gib"] = _peak_memory_gib()
     if "summary" in _PROFILE:
         out["profile"] = _PROFILE["summary"]
@@ -442,6 +512,10 @@ def table(rows):
         if r["case"] == "bf16_check":
             lines.append(f"| bf16_check | UNet rel err {r['unet_rel_err']:.2e}, image rel err "
                          f"{r['image_rel_err']:.2e} |  |  |  |  |  |  |")
+            continue
+        if r["case"] == "bf16_vs_torch":
+            lines.append(f"| bf16_vs_torch | UNet rel err {r['ours_rel_err']:.2e} (fp32 vs torch "
+                         f"{r['fp32_ours_vs_torch']:.1e}) |  |  | autocast {r['torch_autocast_rel_err']:.2e} |  |  |  |")
             continue
         key = "total_s" if r["case"] == "sample_b1" else "img_per_s"
         unit = " s" if key == "total_s" else " img/s"
@@ -505,7 +579,7 @@ def main(argv=None):
         return 0
     cases = [c for c in args.cases.split(",") if c]
     if args.peer:
-        cases += [c for c in PEER_CASES if c not in cases]
+        cases += [c for c in TORCH_CASES + PEER_CASES if c not in cases]
     rows = []
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith(("--cases", "--out"))]
     for case in cases:

@@ -37,6 +37,7 @@ EXPECTED_SECONDS = {
     "test_pipeline_diffusers.py": 90,
     "test_train_ldm.py::test_sigkill_then_resume_gives_the_same_losses": 80,
     "test_train_ldm.py::test_cached_latents_train_and_resume": 55,
+    "test_benchmark.py::test_bf16_error_no_worse_than_torch_autocast_on_the_same_weights": 25,
     "test_ldm_step.py::test_a_non_finite_step_changes_nothing_but_the_step": 55,
     "test_train_ldm.py::test_train_then_sample": 50,
     "test_ldm_step.py::test_a_finite_step_updates_params_ema_and_optimizer": 50,

@@ -34,6 +34,18 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
         assert list((tmp_path / "prof" / case).rglob("*.trace.json.gz"))
 
 
+def test_bf16_error_no_worse_than_torch_autocast_on_the_same_weights():
+    """bench's bf16_vs_torch (smoke size): the UNets agree in fp32, and our bf16 error against fp32
+    is at most torch autocast's (+25%) on the same weights and inputs."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--smoke",
+                           "--cases=bf16_vs_torch"], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert row["fp32_ours_vs_torch"] < 1e-5
+    assert 0 < row["ours_rel_err"] < 1.25 * row["torch_autocast_rel_err"]
+
+
 def test_kernel_profile_sums_device_kernels_by_kind(tmp_path):
     """A trace as jax.profiler writes it: device kernels summed by kind, busy time without overlaps."""
     import gzip
