@@ -291,6 +291,35 @@ def test_gelu_matches_torch_exact_gelu():
     np.testing.assert_allclose(np.asarray(yb.astype(jnp.float32)), ref, rtol=8e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_layers_recast_fp32_kernels_in_the_backward_pass(kind):
+    """Dense and Conv2D with float32 kernels and bf16 compute: same values and gradients as casting
+    up front, but the backward pass keeps no bf16 copy of the kernel (it casts it again)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from latentdiff.models.layers import Conv2D, Dense
+
+    module = Dense(24, dtype=jnp.bfloat16) if kind == "dense" else Conv2D(24, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 16), jnp.bfloat16)
+    params = module.init(jax.random.key(1), x)["params"]
+    cast = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+
+    def loss(p, h):  # h is differentiated too: its gradient is what needs the kernel
+        return jnp.sum(jnp.square(module.apply({"params": p}, h).astype(jnp.float32)))
+
+    grads, ref = jax.grad(loss, (0, 1))(params, x), jax.grad(loss, (0, 1))(cast, x)
+    for g, r in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_allclose(np.asarray(g.astype(jnp.float32)), np.asarray(r.astype(jnp.float32)),
+                                   rtol=1e-2, atol=1e-2)
+    assert grads[0]["kernel"].dtype == jnp.float32
+    kernel = params["kernel"]
+    kept = [(a.shape, a.dtype) for a, why in saved_residuals(loss, params, x) if "argument" not in why]
+    assert (kernel.shape, jnp.bfloat16) not in kept, kept
+    kept_up_front = [(a.shape, a.dtype) for a, why in saved_residuals(lambda p, h: loss(
+        jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), p), h), params, x) if "argument" not in why]
+    assert (kernel.shape, jnp.bfloat16) in kept_up_front, kept_up_front  # what the recast avoids
+
+
 def test_geglu_and_its_gradient_match_torch():
     """layers.geglu (value * gelu(gate)) and its gradient against torch (fp32); in bf16 its
     backward keeps h alone."""
