@@ -348,15 +348,26 @@ def sample_case(batch, args):
     return dict(batch=batch, steps=args.steps, total_s=round(seconds, 4), img_per_s=round(batch / seconds, 2))
 
 
+def _rel_err(a, b):
+    """||a - b|| / ||b|| in float64."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _precision(dtype_name):
+    """The matmul precision of a bf16 check's run: the float32 reference in true float32 (GPUs
+    compute float32 matmuls and convolutions in TF32 by default), bf16 as it runs."""
+    import jax
+
+    return jax.default_matmul_precision("highest" if dtype_name == "float32" else "default")
+
+
 def bf16_check_case(args):
     """Relative error of bf16 against fp32 on the same inputs and weights."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
-
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
     pipes = {d: _txt2img_pipeline(argparse.Namespace(**{**vars(args), "param_dtype": "float32"}), _dtype(d))
              for d in ("float32", "bfloat16")}
@@ -369,13 +380,12 @@ def bf16_check_case(args):
     ctx = jax.random.normal(k[1], (4, 77, p32.unet.config.context_dim))
     outs, images = {}, {}
     for d, p in pipes.items():
-        # the float32 reference in true float32: by default GPUs run float32 matmuls and convs in TF32
-        with jax.default_matmul_precision("highest" if d == "float32" else "default"):
+        with _precision(d):
             outs[d] = jax.jit(p.unet.apply)({"params": unet_params}, x, t, ctx).astype(jnp.float32)
             images[d] = p(["a red circle at the top left"], rng=k[2], num_inference_steps=args.steps,
                           guidance_scale=6.0, output_type="float")
-    return dict(unet_rel_err=rel(outs["bfloat16"], outs["float32"]),
-                image_rel_err=rel(images["bfloat16"], images["float32"]))
+    return dict(unet_rel_err=_rel_err(outs["bfloat16"], outs["float32"]),
+                image_rel_err=_rel_err(images["bfloat16"], images["float32"]))
 
 
 # The txt2img UNet as diffusers builds it (the peer's model); smoke: two small levels.
@@ -420,10 +430,6 @@ def bf16_vs_torch_case(args):
     params = convert_state_dict(sd, loaders.abstract_params(UNet(cfg), x, t, ctx))
     del sd
 
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
     theirs = {}
     with torch.no_grad():
         inputs = (torch.from_numpy(x.transpose(0, 3, 1, 2)).to(dev), torch.from_numpy(t).to(dev),
@@ -434,12 +440,12 @@ def bf16_vs_torch_case(args):
     del tm
     ours = {}
     for d in ("float32", "bfloat16"):
-        with jax.default_matmul_precision("highest" if d == "float32" else "default"):
+        with _precision(d):
             out = jax.jit(UNet(cfg, dtype=_dtype(d)).apply)({"params": params}, x, t, ctx)
         ours[d] = np.asarray(out.astype(jnp.float32)).transpose(0, 3, 1, 2)
-    return dict(ours_rel_err=rel(ours["bfloat16"], ours["float32"]),
-                torch_autocast_rel_err=rel(theirs["bfloat16"], theirs["float32"]),
-                fp32_ours_vs_torch=rel(ours["float32"], theirs["float32"]), torch=torch.__version__)
+    return dict(ours_rel_err=_rel_err(ours["bfloat16"], ours["float32"]),
+                torch_autocast_rel_err=_rel_err(theirs["bfloat16"], theirs["float32"]),
+                fp32_ours_vs_torch=_rel_err(ours["float32"], theirs["float32"]), torch=torch.__version__)
 
 
 def peer_case(which, args):

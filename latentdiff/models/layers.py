@@ -163,6 +163,12 @@ def _group_norm_bwd(groups, eps, silu, dtype, res, g):
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+def _norm_params(module, channels):
+    """A norm's `scale` (ones) and `bias` (zeros), shape (channels,), in float32."""
+    make = lambda name, init: module.param(name, init, (channels,), module.param_dtype).astype(jnp.float32)  # noqa: E731
+    return make("scale", nn.initializers.ones), make("bias", nn.initializers.zeros)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm (params `scale`, `bias`), then SiLU if `silu`: `group_norm` in a module."""
 
@@ -174,9 +180,7 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        scale, bias = _norm_params(self, x.shape[-1])
         return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu, self.dtype)
 
 
@@ -221,9 +225,7 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype).astype(jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype).astype(jnp.float32)
+        scale, bias = _norm_params(self, x.shape[-1])
         return layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
