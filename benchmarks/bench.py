@@ -13,9 +13,11 @@ reference FLOP counts for the full-size UNets and XLA's count otherwise, against
 (dense bf16 of an H100/H200 by default). Cases:
 
   train_txt2img   the txt2img UNet (872M; 32x32x4 latents, 77x1280 context given), batch 64
+  train_txt2img_no_ema  the same without our EMA of the UNet: the peer's work exactly
   train_cin256    the cin256-v2 UNet (401M; 64x64x3 latents, one head, class labels), batch 64
   train_kl_f8     the KL-f8 autoencoder with LPIPS and the PatchGAN (both updates), 256 px, batch 8
   sample_b{1,16,64}  txt2img (LDMBert + UNet + decoder) 50 DDIM steps, guidance 6, one jitted program
+  sample_loop_b16 the UNet's 50 guided DDIM steps alone from a given context, batch 16: the peer's work
   bf16_check      bf16 vs fp32 on the same inputs: UNet output and one sampled image (relative error)
   bf16_vs_torch   the same for the txt2img UNet and diffusers' with torch autocast, on the same weights
                   (diffusers' random init) and inputs: how our bf16 error compares with torch's
@@ -36,7 +38,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-CASES = ("train_txt2img", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16", "sample_b64", "bf16_check")
+CASES = ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
+         "sample_b64", "sample_loop_b16", "bf16_check")
 PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1")
 TORCH_CASES = ("bf16_vs_torch",)  # need torch and diffusers, added by --peer
 
@@ -130,7 +133,7 @@ def _dtype(name):
     return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
 
 
-def train_ldm_case(name, batch, args):
+def train_ldm_case(name, batch, args, use_ema=True):
     """Img/s of the real LDM train step; text models get the context as input, as the peer does."""
     import jax
     import jax.numpy as jnp
@@ -148,7 +151,7 @@ def train_ldm_case(name, batch, args):
         spec = dict(spec, cond_model=None)  # the context is an input, as in the peer
     task = ldm_step.LDMTask(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"],
                             task=spec["config"].task, alphas_cumprod=spec["schedule"].alphas_cumprod,
-                            cond_trainable=True, cond_drop_prob=0.0, ema_max_decay=0.9999, use_ema=True)
+                            cond_trainable=True, cond_drop_prob=0.0, ema_max_decay=0.9999, use_ema=use_ema)
     tx = optax.adamw(1e-4, weight_decay=0.01)
     _note("building the train state")
     init_params, make_state = _init_fns(spec, task, tx, cfg)
@@ -348,6 +351,33 @@ def sample_case(batch, args):
     return dict(batch=batch, steps=args.steps, total_s=round(seconds, 4), img_per_s=round(batch / seconds, 2))
 
 
+def sample_loop_case(batch, args):
+    """The peer's sampling work: the txt2img UNet's 50 DDIM steps with guidance 6 from a given
+    context (2 x batch rows, unconditional first), one jitted program returning the latents."""
+    import jax
+    import jax.numpy as jnp
+
+    from latentdiff.diffusion import samplers
+    from latentdiff.pipeline import guided_model_fn
+
+    dtype = _dtype(args.dtype)
+    spec = _txt2img_spec(args.smoke, dtype)
+    unet, params = spec["unet"], _random_params(args.smoke, dtype)["unet"]
+    hw = 2 ** (len(unet.config.channel_mult) - 1) if args.smoke else 32
+    keys = jax.random.split(jax.random.key(0), 2)
+    ctx = jax.random.normal(keys[0], (2 * batch, 77, unet.config.context_dim)).astype(dtype)
+    x_T = jax.random.normal(keys[1], (batch, hw, hw, unet.config.in_channels))
+
+    @jax.jit
+    def loop(params, ctx, x_T):
+        model_fn = guided_model_fn(unet, params, ctx, 6.0)
+        return samplers.sample(model_fn, x_T, spec["schedule"], sampler="ddim", num_steps=args.steps)
+
+    _note("compiling and timing")
+    seconds = _median_time(lambda: jax.block_until_ready(loop(params, ctx, x_T)), args.warmup, args.reps)
+    return dict(batch=batch, steps=args.steps, total_s=round(seconds, 4), img_per_s=round(batch / seconds, 2))
+
+
 def _rel_err(a, b):
     """||a - b|| / ||b|| in float64."""
     import numpy as np
@@ -483,12 +513,16 @@ def run_case(name, args):
         _PROFILE["dir"] = os.path.join(args.profile, name)
     if name == "train_txt2img":
         out = train_ldm_case("txt2img_1p4b", 2 if args.smoke else 64, args)
+    elif name == "train_txt2img_no_ema":
+        out = train_ldm_case("txt2img_1p4b", 2 if args.smoke else 64, args, use_ema=False)
     elif name == "train_cin256":
         out = train_ldm_case("cin256_v2", 2 if args.smoke else 64, args)
     elif name == "train_kl_f8":
         out = train_autoencoder_case(2 if args.smoke else 8, args)
     elif name.startswith("sample_b"):
         out = sample_case(int(name[len("sample_b"):]), args)
+    elif name == "sample_loop_b16":
+        out = sample_loop_case(16, args)
     elif name == "bf16_check":
         out = bf16_check_case(args)
     elif name == "bf16_vs_torch":
@@ -505,7 +539,8 @@ def run_case(name, args):
 def table(rows):
     """Markdown: one line per case, with the peer's compiled figure and the ratio where there is one."""
     peer = {r["case"]: r for r in rows if r["case"] in PEER_CASES and "error" not in r}
-    match = {"train_txt2img": ("peer_train", "img_per_s"), "sample_b16": ("peer_sample_b16", "img_per_s"),
+    match = {"train_txt2img": ("peer_train", "img_per_s"), "train_txt2img_no_ema": ("peer_train", "img_per_s"),
+             "sample_b16": ("peer_sample_b16", "img_per_s"), "sample_loop_b16": ("peer_sample_b16", "img_per_s"),
              "sample_b1": ("peer_sample_b1", "total_s")}
     lines = ["| case | ours | peak GiB | MFU | peer eager | peer compiled | peer GiB | ours / compiled |",
              "|---|---|---|---|---|---|---|---|"]

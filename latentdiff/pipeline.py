@@ -230,15 +230,7 @@ class LatentDiffusionPipeline:
                 uctx, _ = encode_cond(params, uncond)
                 ctx = jnp.concatenate([uctx, ctx], axis=0)
 
-            def model_fn(x, t):
-                xin = x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], -1)
-                if not guided:
-                    return unet.apply({"params": params["unet"]}, xin, t, ctx).astype(jnp.float32)
-                out = unet.apply({"params": params["unet"]}, jnp.concatenate([xin, xin]),
-                                 jnp.concatenate([t, t]), ctx).astype(jnp.float32)
-                out_u, out_c = jnp.split(out, 2)
-                return out_u + guidance_scale * (out_c - out_u)
-
+            model_fn = guided_model_fn(unet, params["unet"], ctx, guidance_scale if guided else None, concat)
             z = samplers.sample(model_fn, x_T, schedule, sampler=sampler, num_steps=num_steps,
                                 eta=eta, rng=rng, **kwargs)
             x = vae.apply({"params": params["vae"]}, z / cfg.scale_factor, method="decode")
@@ -249,6 +241,23 @@ class LatentDiffusionPipeline:
             return z, x
 
         return jax.jit(program)
+
+
+def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
+    """The sampler's model_fn(x, t): the UNet with classifier-free guidance, unconditional and
+    conditional rows in one batch (`ctx` holds the unconditional rows first) combined as
+    u + scale * (c - u); with `guidance_scale` None, the UNet once. `concat`: channels appended to x."""
+
+    def model_fn(x, t):
+        xin = x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], -1)
+        if guidance_scale is None:
+            return unet.apply({"params": unet_params}, xin, t, ctx).astype(jnp.float32)
+        out = unet.apply({"params": unet_params}, jnp.concatenate([xin, xin]), jnp.concatenate([t, t]),
+                         ctx).astype(jnp.float32)
+        out_u, out_c = jnp.split(out, 2)
+        return out_u + guidance_scale * (out_c - out_u)
+
+    return model_fn
 
 
 def _resize_nearest(x, hw):
