@@ -303,8 +303,8 @@ def _random_leaf(gen, path, shape, constant, dtype):
 
 @functools.lru_cache(maxsize=None)
 def _random_params(smoke, dtype):
-    """Random weights of the txt2img model (UNet, KL-f8, LDMBert), stored in `dtype` (no fp32 copy
-    left on the device to count in the peak memory), none of them zero (the zero-initialised output
+    """Random weights of the txt2img model (UNet, KL-f8, LDMBert) on the host, stored in `dtype` (no
+    fp32 copy to put on the device and count in the peak memory), none of them zero (the zero-initialised output
     convs would make the UNet predict 0 and the sampler trivial). Drawn by numpy, per leaf, after
     flax's init (`_init_constants`): seconds, where compiling the init program for the CPU took two
     minutes for the 1.45B model. Shared by the cases of one process."""
@@ -321,17 +321,18 @@ def _random_params(smoke, dtype):
         "vae": spec["vae"].init({"params": k, "sample": k}, jax.numpy.zeros((1, 8 * size, 8 * size, 3)))["params"],
         "cond": spec["cond_model"].init(k, *loaders.cond_example(spec["cond_model"]))["params"]})
     gen = np.random.default_rng(0)
-    host = jax.tree_util.tree_map_with_path(lambda p, a, c: _random_leaf(gen, p, a.shape, c, dtype),
+    return jax.tree_util.tree_map_with_path(lambda p, a, c: _random_leaf(gen, p, a.shape, c, dtype),
                                             shapes, constants, is_leaf=lambda x: x is None)
-    return jax.device_put(host, jax.devices()[0])
 
 
 def _txt2img_pipeline(args, dtype):
+    import jax
+
     from latentdiff.models.tokenizer import BertTokenizer
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     spec = _txt2img_spec(args.smoke, dtype)
-    params = _random_params(args.smoke, _dtype(args.param_dtype))
+    params = jax.device_put(_random_params(args.smoke, _dtype(args.param_dtype)), jax.devices()[0])
     vocab = os.path.join(ROOT, "configs", "shapes_vocab.txt")
     return LatentDiffusionPipeline(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"],
                                    schedule=spec["schedule"], config=spec["config"], params=params,
@@ -362,7 +363,8 @@ def sample_loop_case(batch, args):
 
     dtype = _dtype(args.dtype)
     spec = _txt2img_spec(args.smoke, dtype)
-    unet, params = spec["unet"], _random_params(args.smoke, dtype)["unet"]
+    unet = spec["unet"]
+    params = jax.device_put(_random_params(args.smoke, dtype)["unet"], jax.devices()[0])  # the UNet's alone
     hw = 2 ** (len(unet.config.channel_mult) - 1) if args.smoke else 32
     keys = jax.random.split(jax.random.key(0), 2)
     ctx = jax.random.normal(keys[0], (2 * batch, 77, unet.config.context_dim)).astype(dtype)
