@@ -15,15 +15,19 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
                           env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert set(rows) == {"train_txt2img", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
-                         "sample_b64", "bf16_check"}
-    for case in ("train_txt2img", "train_cin256", "train_kl_f8"):
+    assert set(rows) == {"train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1",
+                         "sample_b16", "sample_b64", "sample_loop_b16", "bf16_check"}
+    for case in ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8"):
         assert rows[case]["img_per_s"] > 0 and rows[case]["step_s"] > 0
         assert rows[case]["tflops_per_s"] > 0  # XLA's cost analysis of the compiled step
     assert rows["train_cin256"]["params_M"] > 0
     assert rows["train_txt2img"]["xla_memory"]["args_gib"] > 0  # XLA's analysis of the step
     for b in (1, 16, 64):
         assert rows[f"sample_b{b}"]["batch"] == b and rows[f"sample_b{b}"]["img_per_s"] > 0
+    assert rows["sample_loop_b16"]["batch"] == 16 and rows["sample_loop_b16"]["total_s"] > 0
+    # the peer's work: the same step without the EMA holds one fp32 copy of the UNet less
+    ema_gib = rows["train_txt2img"]["xla_memory"]["args_gib"] - rows["train_txt2img_no_ema"]["xla_memory"]["args_gib"]
+    assert abs(ema_gib * 2 ** 30 / 4 - rows["train_txt2img"]["params_M"] * 1e6) < 0.01 * rows["train_txt2img"]["params_M"] * 1e6
     # bf16 compute with fp32 weights stays within 1e-2 of fp32 on the same inputs
     assert rows["bf16_check"]["unet_rel_err"] < 1e-2
     assert rows["bf16_check"]["image_rel_err"] < 1e-2
