@@ -26,8 +26,10 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
         assert rows[f"sample_b{b}"]["batch"] == b and rows[f"sample_b{b}"]["img_per_s"] > 0
     assert rows["sample_loop_b16"]["batch"] == 16 and rows["sample_loop_b16"]["total_s"] > 0
     # the peer's work: the same step without the EMA holds one fp32 copy of the UNet less
-    ema_gib = rows["train_txt2img"]["xla_memory"]["args_gib"] - rows["train_txt2img_no_ema"]["xla_memory"]["args_gib"]
-    assert abs(ema_gib * 2 ** 30 / 4 - rows["train_txt2img"]["params_M"] * 1e6) < 0.01 * rows["train_txt2img"]["params_M"] * 1e6
+    ema_floats = (rows["train_txt2img"]["xla_memory"]["args_gib"]
+                  - rows["train_txt2img_no_ema"]["xla_memory"]["args_gib"]) * 2 ** 30 / 4
+    params = rows["train_txt2img"]["params_M"] * 1e6
+    assert abs(ema_floats - params) < 0.05 * params  # GiB are rounded to 4 places
     # bf16 compute with fp32 weights stays within 1e-2 of fp32 on the same inputs
     assert rows["bf16_check"]["unet_rel_err"] < 1e-2
     assert rows["bf16_check"]["image_rel_err"] < 1e-2
