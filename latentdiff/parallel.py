@@ -2,7 +2,7 @@
 
 Mesh axes are ('data', 'fsdp'). The batch is split over both; parameters, EMA and optimizer state
 are sharded over 'fsdp' along their largest dimension that divides (FSDP / ZeRO-3 through GSPMD),
-small ones replicated; a stack of same-shaped parameters (`training.packing`) as its members.
+small ones replicated.
 """
 import jax
 import numpy as np
@@ -57,23 +57,10 @@ def fsdp_spec(shape, fsdp_size, min_size):
 
 
 def tree_shardings(tree, mesh, min_size=2 ** 16):
-    """NamedShardings for every array of `tree` (arrays or ShapeDtypeStructs) by `fsdp_spec`; the
-    stacks of a `Packed` (members, *shape) by their members' shape, the stacking axis not split."""
-    from latentdiff.training.packing import Packed
-
+    """NamedShardings for every array of `tree` (arrays or ShapeDtypeStructs) by `fsdp_spec`."""
     fsdp = mesh.shape["fsdp"]
-
-    def sharding(a, stacked=False):
-        shape = tuple(getattr(a, "shape", ()))
-        spec = fsdp_spec(shape[1:], fsdp, min_size) if stacked else fsdp_spec(shape, fsdp, min_size)
-        return NamedSharding(mesh, P(None, *spec) if stacked else spec)
-
-    def of(x):
-        if isinstance(x, Packed):
-            return jax.tree_util.tree_map(lambda a: sharding(a, stacked=True), x)
-        return sharding(x)
-
-    return jax.tree_util.tree_map(of, tree, is_leaf=lambda x: isinstance(x, Packed))
+    return jax.tree_util.tree_map(
+        lambda a: NamedSharding(mesh, fsdp_spec(tuple(getattr(a, "shape", ())), fsdp, min_size)), tree)
 
 
 def host_init(init, rng, shardings):

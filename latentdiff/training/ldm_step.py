@@ -17,7 +17,6 @@ from latentdiff.data.transforms import low_resolution
 from latentdiff.diffusion.objectives import diffusion_loss, training_target
 from latentdiff.models.autoencoder import DiagonalGaussian, VQModel, first_stage_latents
 from latentdiff.models.layers import param_gather
-from latentdiff.training.packing import Packed, pack_like, unpack
 from latentdiff.training.state import TrainState, ema_update, keep_if_finite
 
 
@@ -172,14 +171,10 @@ def train_step(task, tx, accumulate, state: TrainState, frozen, batch, base_rng)
     """One optimizer step (with `accumulate` micro-batches); returns (state, metrics)."""
     rng = jax.random.fold_in(base_rng, state.step)
 
-    views = {name: unpack(p) for name, p in state.params.items()}  # each parameter a slice of its stack
-
     def grads_of(micro, key):
         with param_gather(None if task.gather is None else functools.partial(gather_params, task)):
-            loss, grads = jax.value_and_grad(
-                lambda p: loss_fn(task, gathered(task, p), frozen, micro, key, state.scale_factor))(views)
-        return loss, {name: pack_like(p.layout, grads[name]) if isinstance(p, Packed) else grads[name]
-                      for name, p in state.params.items()}
+            return jax.value_and_grad(
+                lambda p: loss_fn(task, gathered(task, p), frozen, micro, key, state.scale_factor))(state.params)
 
     if accumulate == 1:
         loss, grads = grads_of(batch, rng)

@@ -20,7 +20,6 @@ from latentdiff.checkpoint import Checkpointer
 from latentdiff.convert import loaders
 from latentdiff.data import make_dataset
 from latentdiff.training import ldm_step
-from latentdiff.training.packing import pack, unpack
 from latentdiff.training.state import TrainState, make_optimizer
 
 DATA_KEYS = {"folder": ("root", "captions", "labels_from_dirs"), "array_record": ("path",),
@@ -62,8 +61,7 @@ def _first_stage_params(config, vae, dtype):
 
 
 def _init_fns(spec, task, tx, config):
-    """(rng -> fresh trainable params, each model's `packing.Packed`, params -> TrainState with its
-    EMA and optimizer state)."""
+    """(rng -> fresh trainable params, params -> TrainState with its EMA and optimizer state)."""
     unet, cond = spec["unet"], spec["cond_model"]
     latent = config.model.image_size
 
@@ -73,7 +71,7 @@ def _init_fns(spec, task, tx, config):
         params = {"unet": unet.init(k_unet, x, t, ctx, y)["params"]}
         if cond is not None and task.cond_trainable:
             params["cond"] = cond.init(k_cond, *loaders.cond_example(cond))["params"]
-        return {name: pack(tree) for name, tree in params.items()}  # stacked by shape: fewer arrays
+        return params
 
     def make_state(params):
         ema = params["unet"] if task.use_ema else {}
@@ -295,7 +293,6 @@ def pipeline_of(spec, state, frozen, tokenizer, use_ema=True):
     elif "cond" in frozen:
         params["cond"] = frozen["cond"]
     params = parallel.to_host(params)  # all processes take part; see write_samples / export_pipeline
-    params = {name: unpack(p) for name, p in params.items()}  # numpy views of the stacks
     config = dataclasses.replace(spec["config"], scale_factor=float(jax.device_get(state.scale_factor)))
     unet = spec["unet"].clone(dtype=jnp.float32)
     return LatentDiffusionPipeline(unet=unet, vae=spec["vae"].clone(dtype=jnp.float32),
