@@ -3,6 +3,7 @@
     python benchmarks/bench.py                                    # every case, then the table
     python benchmarks/bench.py --cases=train_txt2img,sample_b16   # some of them
     python benchmarks/bench.py --peer=../shared/bench/peer_torch.py   # and diffusers, same GPU
+    python benchmarks/bench.py --cases=peer_train --peer=../shared/bench/peer_torch.py   # the peer's step alone
     python benchmarks/bench.py --smoke                            # tiny models, 1 repeat (CI, CPU)
 
 Each case runs in its own process (so its peak memory is its own) and prints one JSON line; the
@@ -21,7 +22,7 @@ reference FLOP counts for the full-size UNets and XLA's count otherwise, against
   bf16_check      bf16 vs fp32 on the same inputs: UNet output and one sampled image (relative error)
   bf16_vs_torch   the same for the txt2img UNet and diffusers' with torch autocast, on the same weights
                   (diffusers' random init) and inputs: how our bf16 error compares with torch's
-                  (needs torch and diffusers; run with --peer or named in --cases)
+                  (needs torch and diffusers; run by --peer without --cases, or named in --cases)
 
 The real code paths run: `ldm_step.train_step` (AdamW, EMA, finite guard), the autoencoder loop's
 step, and `LatentDiffusionPipeline.__call__` (tokenising, device transfer and the uint8 images).
@@ -41,7 +42,7 @@ sys.path.insert(0, ROOT)
 CASES = ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
          "sample_b64", "sample_loop_b16", "bf16_check")
 PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1")
-TORCH_CASES = ("bf16_vs_torch",)  # need torch and diffusers, added by --peer
+TORCH_CASES = ("bf16_vs_torch",)  # need torch and diffusers; run by --peer without --cases
 
 
 def _note(what):
@@ -597,8 +598,10 @@ def _smoke_row(case, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--peer", default="", help="path of the diffusers peer script (peer_torch.py)")
+    ap.add_argument("--cases", default="", help=f"comma-separated, of {CASES + TORCH_CASES + PEER_CASES}; "
+                    "default: all of ours, and with --peer also the peer's and bf16_vs_torch")
+    ap.add_argument("--peer", default="", help="path of the diffusers peer script (peer_torch.py); with "
+                    "--cases, only the cases named run")
     ap.add_argument("--smoke", action="store_true", help="tiny models on the CPU, 1 repeat")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
     ap.add_argument("--param_dtype", default="bfloat16", choices=("bfloat16", "float32"),
@@ -623,8 +626,8 @@ def main(argv=None):
         print(json.dumps({"case": args.one, **run_case(args.one, args)}), flush=True)
         return 0
     cases = [c for c in args.cases.split(",") if c]
-    if args.peer:
-        cases += [c for c in TORCH_CASES + PEER_CASES if c not in cases]
+    if not cases:  # all of ours, and with --peer the peer's
+        cases = list(CASES) + (list(TORCH_CASES + PEER_CASES) if args.peer else [])
     rows = []
     passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith(("--cases", "--out"))]
     for case in cases:

@@ -107,3 +107,13 @@ def test_scaling_smoke_on_two_fake_devices():
     assert all(r["step_s"] > 0 and r["img_per_s"] > 0 for r in by_mesh.values())  # --time: both steps ran
     (sample,) = rows["sample"]
     assert sample["devices"] == 2 and sample["one_img_per_s"] > 0 and sample["all_img_per_s"] > 0
+
+def test_named_cases_run_alone_even_with_the_peer_given(tmp_path):
+    """`--cases=... --peer=...` runs the cases named, not every peer case too (a device call has a
+    time limit: the peer's cases and bf16_vs_torch take minutes)."""
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--smoke",
+                           "--cases=sample_b1", f"--peer={tmp_path / 'no_peer.py'}", f"--out={out}"],
+                          capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(line)["case"] for line in out.read_text().splitlines()] == ["sample_b1"]
