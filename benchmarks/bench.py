@@ -305,8 +305,8 @@ def _random_leaf(gen, path, shape, constant, dtype):
 @functools.lru_cache(maxsize=None)
 def _random_params(smoke, dtype):
     """Random weights of the txt2img model (UNet, KL-f8, LDMBert) on the host, stored in `dtype` (no
-    fp32 copy to put on the device and count in the peak memory), none of them zero (the zero-initialised output
-    convs would make the UNet predict 0 and the sampler trivial). Drawn by numpy, per leaf, after
+    fp32 copy to put on the device and count in the peak memory), none of them zero (the
+    zero-initialised output convs would make the UNet predict 0 and the sampler trivial). Drawn by numpy, per leaf, after
     flax's init (`_init_constants`): seconds, where compiling the init program for the CPU took two
     minutes for the 1.45B model. Shared by the cases of one process."""
     import jax
@@ -326,14 +326,17 @@ def _random_params(smoke, dtype):
                                             shapes, constants, is_leaf=lambda x: x is None)
 
 
-def _txt2img_pipeline(args, dtype):
+def _txt2img_pipeline(args, dtype, params=None):
+    """The 1.45B txt2img pipeline computing in `dtype`, on `params` (device arrays) or on the random
+    weights in `args.param_dtype`, put on the device."""
     import jax
 
     from latentdiff.models.tokenizer import BertTokenizer
     from latentdiff.pipeline import LatentDiffusionPipeline
 
     spec = _txt2img_spec(args.smoke, dtype)
-    params = jax.device_put(_random_params(args.smoke, _dtype(args.param_dtype)), jax.devices()[0])
+    if params is None:
+        params = jax.device_put(_random_params(args.smoke, _dtype(args.param_dtype)), jax.devices()[0])
     vocab = os.path.join(ROOT, "configs", "shapes_vocab.txt")
     return LatentDiffusionPipeline(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"],
                                    schedule=spec["schedule"], config=spec["config"], params=params,
@@ -366,7 +369,7 @@ def sample_loop_case(batch, args):
     spec = _txt2img_spec(args.smoke, dtype)
     unet = spec["unet"]
     params = jax.device_put(_random_params(args.smoke, dtype)["unet"], jax.devices()[0])  # the UNet's alone
-    hw = 2 ** (len(unet.config.channel_mult) - 1) if args.smoke else 32
+    hw = spec["config"].latent_size
     keys = jax.random.split(jax.random.key(0), 2)
     ctx = jax.random.normal(keys[0], (2 * batch, 77, unet.config.context_dim)).astype(dtype)
     x_T = jax.random.normal(keys[1], (batch, hw, hw, unet.config.in_channels))
@@ -404,11 +407,10 @@ def bf16_check_case(args):
     import jax
     import jax.numpy as jnp
 
-    pipes = {d: _txt2img_pipeline(argparse.Namespace(**{**vars(args), "param_dtype": "float32"}), _dtype(d))
-             for d in ("float32", "bfloat16")}
-    p32 = pipes["float32"]
+    p32 = _txt2img_pipeline(argparse.Namespace(**{**vars(args), "param_dtype": "float32"}), jnp.float32)
+    pipes = {"float32": p32, "bfloat16": _txt2img_pipeline(args, jnp.bfloat16, params=p32.params)}  # one copy
     unet_params = p32.params["unet"]
-    size = p32.config.latent_size if not args.smoke else 8
+    size = p32.config.latent_size
     k = jax.random.split(jax.random.key(5), 3)
     x = jax.random.normal(k[0], (4, size, size, 4))
     t = jnp.array([10, 250, 500, 900])

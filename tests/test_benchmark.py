@@ -108,6 +108,7 @@ def test_scaling_smoke_on_two_fake_devices():
     (sample,) = rows["sample"]
     assert sample["devices"] == 2 and sample["one_img_per_s"] > 0 and sample["all_img_per_s"] > 0
 
+
 def test_named_cases_run_alone_even_with_the_peer_given(tmp_path):
     """`--cases=... --peer=...` runs the cases named, not every peer case too (a device call has a
     time limit: the peer's cases and bf16_vs_torch take minutes)."""
