@@ -364,6 +364,7 @@ def sample_loop_case(batch, args):
 
     from latentdiff.diffusion import samplers
     from latentdiff.pipeline import guided_model_fn
+    from latentdiff.runtime import SAMPLER_COMPILER_OPTIONS
 
     dtype = _dtype(args.dtype)
     spec = _txt2img_spec(args.smoke, dtype)
@@ -374,7 +375,7 @@ def sample_loop_case(batch, args):
     ctx = jax.random.normal(keys[0], (2 * batch, 77, unet.config.context_dim)).astype(dtype)
     x_T = jax.random.normal(keys[1], (batch, hw, hw, unet.config.in_channels))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=SAMPLER_COMPILER_OPTIONS)
     def loop(params, ctx, x_T):
         model_fn = guided_model_fn(unet, params, ctx, 6.0)
         return samplers.sample(model_fn, x_T, spec["schedule"], sampler="ddim", num_steps=args.steps)

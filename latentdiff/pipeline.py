@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiff import parallel
+from latentdiff.runtime import SAMPLER_COMPILER_OPTIONS
 from latentdiff.diffusion import samplers
 from latentdiff.diffusion.schedules import NoiseSchedule
 from latentdiff.models.autoencoder import first_stage_latents
+from latentdiff.models.unet import CONTEXT_KV, context_key_values
 
 TASKS = ("text2img", "class2img", "uncond", "superres", "inpaint", "semantic")
 
@@ -240,20 +242,23 @@ class LatentDiffusionPipeline:
                 x = (1.0 - m) * (img + 1.0) / 2.0 + m * x
             return z, x
 
-        return jax.jit(program)
+        return jax.jit(program, compiler_options=SAMPLER_COMPILER_OPTIONS)
 
 
 def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
     """The sampler's model_fn(x, t): the UNet with classifier-free guidance, unconditional and
     conditional rows in one batch (`ctx` holds the unconditional rows first) combined as
-    u + scale * (c - u); with `guidance_scale` None, the UNet once. `concat`: channels appended to x."""
+    u + scale * (c - u); with `guidance_scale` None, the UNet once. `concat`: channels appended to x.
+    The context's keys and values are projected once, here, not on every step."""
+    variables = {"params": unet_params}
+    if ctx is not None:
+        variables[CONTEXT_KV] = context_key_values(unet, unet_params, ctx)
 
     def model_fn(x, t):
         xin = x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], -1)
         if guidance_scale is None:
-            return unet.apply({"params": unet_params}, xin, t, ctx).astype(jnp.float32)
-        out = unet.apply({"params": unet_params}, jnp.concatenate([xin, xin]), jnp.concatenate([t, t]),
-                         ctx).astype(jnp.float32)
+            return unet.apply(variables, xin, t, ctx).astype(jnp.float32)
+        out = unet.apply(variables, jnp.concatenate([xin, xin]), jnp.concatenate([t, t]), ctx).astype(jnp.float32)
         out_u, out_c = jnp.split(out, 2)
         return out_u + guidance_scale * (out_c - out_u)
 

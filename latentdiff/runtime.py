@@ -5,6 +5,13 @@ import jax
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "latentdiff", "xla")
 
+# XLA options of the sampling programs. The dot merger joins GEMMs that share an operand (a
+# self-attention's q/k/v, the 32 projections of the context) into one GEMM whose inputs are
+# concatenated and whose output is sliced, copies that cost more than they save here: off, the
+# txt2img UNet's 50-step loop at batch 16 needs 1.98 instead of 2.17 GiB on an H200 and runs
+# 0.763 -> 0.750 s (BENCHMARKS.md, session 10). The options are ignored on other backends.
+SAMPLER_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
 
 def enable_compile_cache(path=None):
     """Keep compiled programs and XLA's autotuning results on disk, so that a second run of the same

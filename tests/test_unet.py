@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latentdiff.models.unet import UNet, UNetConfig
+from latentdiff.models.unet import CONTEXT_KV, UNet, UNetConfig, context_key_values
 from tests.torch_utils import flax_params_from_torch, nchw, nhwc, rel_err
 
 torch = pytest.importorskip("torch")
@@ -76,20 +76,43 @@ def test_condition_model_parity(cond_ldm):
     assert err <= 1e-4, err
 
 
-def test_condition_model_variant_parity():
+@pytest.fixture(scope="module")
+def cond_variant():
     tm = _torch_model(diffusers.UNet2DConditionModel, **COND_VARIANT)
     cfg = UNetConfig.from_diffusers(dict(tm.config))
-    assert cfg.num_heads == (2, 4) and cfg.transformer_depth == 2 and cfg.use_linear_projection
     x, t = _inputs(4, seed=2)
     ctx = np.random.RandomState(3).randn(B, 7, 16).astype(np.float32)
     y = np.array([4, 1])
     model = UNet(cfg)
     params = flax_params_from_torch(tm, model, x, t, ctx, y=y)
-    assert params["class_embedding"]["embedding"].shape == (5, 128)
     with torch.no_grad():
         ref = tm(nchw(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx),
                  class_labels=torch.from_numpy(y)).sample
-    err = rel_err(_run(model, params, x, t, ctx, y=y), nhwc(ref))
+    return model, params, (x, t, ctx, y), nhwc(ref)
+
+
+def test_condition_model_variant_parity(cond_variant):
+    model, params, (x, t, ctx, y), ref = cond_variant
+    cfg = model.config
+    assert cfg.num_heads == (2, 4) and cfg.transformer_depth == 2 and cfg.use_linear_projection
+    assert params["class_embedding"]["embedding"].shape == (5, 128)
+    err = rel_err(_run(model, params, x, t, ctx, y=y), ref)
+    assert err <= 1e-4, err
+
+
+def test_context_keys_and_values_projected_once(cond_variant):
+    """`context_key_values` (what a sampling loop computes before its steps): given back with the
+    parameters, it replaces every cross-attention layer's k/v projections (here zeroed, so a layer
+    that still projected would be wrong) and the output is torch's."""
+    model, params, (x, t, ctx, y), ref = cond_variant
+    kv = jax.jit(lambda p, c: context_key_values(model, p, c))(params, ctx)
+    layers = [k for k, _ in jax.tree_util.tree_leaves_with_path(params) if re.search(r"attn2.*to_k", jax.tree_util.keystr(k))]
+    assert len(layers) == 2 * 7 and len(jax.tree.leaves(kv)) == 2 * len(layers)  # 7 sites, 2 layers each
+    dropped = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.zeros_like(a) if re.search(r"attn2.*to_[kv]", jax.tree_util.keystr(path)) else a, params)
+    assert rel_err(_run(model, dropped, x, t, ctx, y=y), ref) > 1e-2  # the zeroed projections matter
+    out = jax.jit(model.apply)({"params": dropped, CONTEXT_KV: kv}, x, t, ctx, y=y)
+    err = rel_err(out, ref)
     assert err <= 1e-4, err
 
 

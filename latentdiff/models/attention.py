@@ -78,14 +78,24 @@ def merge_heads(x):
 
 
 def multihead(x, context, heads, head_dim, *, names=("to_q", "to_k", "to_v", "to_out_0"),
-              qkv_bias=False, zero_out=False, dtype, param_dtype):
+              qkv_bias=False, zero_out=False, kv=None, dtype, param_dtype):
     """q/k/v projections -> `attention` -> output projection, created in the calling module.
 
     `context` None means self-attention; `names` are the four Dense layers' parameter names.
+    `kv`: the keys and values of the context already projected (`key_values`), which skips
+    the k/v projections.
     """
-    ctx = x if context is None else context
     inner = heads * head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    q, k, v = (dense(inner, use_bias=qkv_bias, name=n, **kw)(src) for n, src in zip(names, (x, ctx, ctx)))
+    q = dense(inner, use_bias=qkv_bias, name=names[0], **kw)(x)
+    k, v = key_values(x if context is None else context, inner, names=names[1:3], qkv_bias=qkv_bias,
+                      **kw) if kv is None else kv
     o = attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), scale=head_dim ** -0.5)
     return dense(x.shape[-1], name=names[3], zero_init=zero_out, **kw)(merge_heads(o))
+
+
+def key_values(ctx, inner, *, names=("to_k", "to_v"), qkv_bias=False, dtype, param_dtype):
+    """The k and v projections of `ctx` (B, S, C) -> two (B, S, inner) arrays, created in the
+    calling module."""
+    kw = dict(use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype)
+    return tuple(dense(inner, name=n, **kw)(ctx) for n in names)

@@ -12,7 +12,7 @@ from typing import Any, Optional, Tuple, Union
 import flax.linen as nn
 import jax.numpy as jnp
 
-from latentdiff.models.attention import multihead
+from latentdiff.models.attention import key_values, multihead
 from latentdiff.models.layers import (GroupNorm, LayerNorm, gathering, geglu, avg_pool2, conv, dense,
                                       timestep_embedding, upsample_nearest)
 
@@ -428,8 +428,14 @@ class AttentionBlock(nn.Module):
         return x + h.reshape(x.shape)
 
 
+CONTEXT_KV = "context_kv"  # variable collection: each cross-attention layer's keys and values
+
+
 class CrossAttention(nn.Module):
-    """LDM CrossAttention (diffusers Attention): bias-free q/k/v; self-attention if no context."""
+    """LDM CrossAttention (diffusers Attention): bias-free q/k/v; self-attention if no context.
+
+    With a context, its keys and values come from the `context_kv` collection when the variables
+    hold it (`context_key_values`), and are stored there when the collection is mutable."""
 
     heads: int
     head_dim: int
@@ -438,8 +444,14 @@ class CrossAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, context=None):
-        return multihead(x, context, self.heads, self.head_dim, qkv_bias=False, zero_out=False,
-                         dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kv = None
+        if context is not None and self.has_variable(CONTEXT_KV, "kv"):
+            kv = self.get_variable(CONTEXT_KV, "kv")
+        elif context is not None and self.is_mutable_collection(CONTEXT_KV):
+            kv = key_values(context, self.heads * self.head_dim, **kw)
+            self.put_variable(CONTEXT_KV, "kv", kv)
+        return multihead(x, context, self.heads, self.head_dim, qkv_bias=False, zero_out=False, kv=kv, **kw)
 
 
 class GEGLU(nn.Module):
@@ -712,3 +724,21 @@ class UNet(nn.Module):
             raise ValueError(f"context must be ({batch}, L, {cfg.context_dim}), "
                              f"got {context.shape}")
         return context
+
+
+
+def context_key_values(unet, params, context):
+    """Every cross-attention layer's keys and values of `context`, as the `context_kv` collection.
+
+    Computed once where the context does not change (a sampling loop), they are passed back with
+    the parameters, `unet.apply({"params": params, "context_kv": kv}, x, t, context)`, and replace
+    the layers' k/v projections on every step. The call runs the UNet on a small zero input whose
+    output is dropped: under `jax.jit` all but the projections is dead code."""
+    cfg = unet.config
+    b, s = context.shape[0], 2 ** (cfg.levels - 1)
+    x = jnp.zeros((b, s, s, cfg.in_channels), jnp.float32)
+    y = None if cfg.num_classes is None else jnp.zeros((b,), jnp.int32)
+    # "params" mutable too: flax's map_variables (layers.gathering) cannot take another mutable
+    # collection alone
+    _, state = unet.apply({"params": params}, x, jnp.zeros((b,)), context, y, mutable=["params", CONTEXT_KV])
+    return state[CONTEXT_KV]
