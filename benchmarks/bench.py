@@ -144,6 +144,7 @@ def train_ldm_case(name, batch, args, use_ema=True):
     from latentdiff.training import ldm_step
     from latentdiff import parallel
     from latentdiff.training.loop import _init_fns, abstract_train_state, compvis_params, init_train_state
+    from latentdiff.runtime import COMPILER_OPTIONS
 
     cfg = _config(name, args.smoke, args.remat)
     spec = loaders.build_ldm(compvis_params(cfg.model), _dtype(args.dtype))
@@ -171,7 +172,7 @@ def train_ldm_case(name, batch, args, use_ema=True):
     else:
         data["class_label"] = jax.random.randint(keys[1], (batch,), 0, 1000)
     step = jax.jit(lambda s, b, r: ldm_step.train_step(task, tx, 1, s, {"vae": None}, b, r),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
     t0 = time.perf_counter()
     compiled = step.lower(state, data, keys[2]).compile()
     _note(f"compiled in {time.perf_counter() - t0:.1f} s")
@@ -364,7 +365,7 @@ def sample_loop_case(batch, args):
 
     from latentdiff.diffusion import samplers
     from latentdiff.pipeline import guided_model_fn
-    from latentdiff.runtime import SAMPLER_COMPILER_OPTIONS
+    from latentdiff.runtime import COMPILER_OPTIONS
 
     dtype = _dtype(args.dtype)
     spec = _txt2img_spec(args.smoke, dtype)
@@ -375,7 +376,7 @@ def sample_loop_case(batch, args):
     ctx = jax.random.normal(keys[0], (2 * batch, 77, unet.config.context_dim)).astype(dtype)
     x_T = jax.random.normal(keys[1], (batch, hw, hw, unet.config.in_channels))
 
-    @functools.partial(jax.jit, compiler_options=SAMPLER_COMPILER_OPTIONS)
+    @functools.partial(jax.jit, compiler_options=COMPILER_OPTIONS)
     def loop(params, ctx, x_T):
         model_fn = guided_model_fn(unet, params, ctx, 6.0)
         return samplers.sample(model_fn, x_T, spec["schedule"], sampler="ddim", num_steps=args.steps)

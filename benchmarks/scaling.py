@@ -51,7 +51,7 @@ import optax  # noqa: E402
 import bench  # noqa: E402
 from latentdiff import parallel  # noqa: E402
 from latentdiff.convert import loaders  # noqa: E402
-from latentdiff.runtime import enable_compile_cache  # noqa: E402
+from latentdiff.runtime import COMPILER_OPTIONS, enable_compile_cache  # noqa: E402
 from latentdiff.training import ldm_step  # noqa: E402
 from latentdiff.training.loop import _init_fns, abstract_train_state, compvis_params, init_train_state  # noqa: E402
 
@@ -96,7 +96,8 @@ class Step:
         batch = {k: jax.ShapeDtypeStruct((b, *shape), dt, sharding=bs) for k, (shape, dt) in self.shapes.items()}
         task = dataclasses.replace(self.task, gather=parallel.replicated(mesh) if fsdp > 1 else None)
         step = jax.jit(lambda s, x, r: ldm_step.train_step(task, self.tx, 1, s, {"vae": None}, x, r),
-                       in_shardings=(shardings, bs, None), out_shardings=(shardings, None), donate_argnums=(0,))
+                       in_shardings=(shardings, bs, None), out_shardings=(shardings, None), donate_argnums=(0,),
+                       compiler_options=COMPILER_OPTIONS)
         t = time.time()
         compiled = step.lower(self.abstract, batch, jax.random.key(1)).compile(compiler_options=options or None)
         note(f"{n} devices, fsdp {fsdp}, {options or 'default'}: compiled in {time.time() - t:.1f} s")

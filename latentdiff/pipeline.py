@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiff import parallel
-from latentdiff.runtime import SAMPLER_COMPILER_OPTIONS
+from latentdiff.runtime import COMPILER_OPTIONS
 from latentdiff.diffusion import samplers
 from latentdiff.diffusion.schedules import NoiseSchedule
 from latentdiff.models.autoencoder import first_stage_latents
@@ -242,7 +242,7 @@ class LatentDiffusionPipeline:
                 x = (1.0 - m) * (img + 1.0) / 2.0 + m * x
             return z, x
 
-        return jax.jit(program, compiler_options=SAMPLER_COMPILER_OPTIONS)
+        return jax.jit(program, compiler_options=COMPILER_OPTIONS)
 
 
 def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):

@@ -5,12 +5,13 @@ import jax
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "latentdiff", "xla")
 
-# XLA options of the sampling programs. The dot merger joins GEMMs that share an operand (a
-# self-attention's q/k/v, the 32 projections of the context) into one GEMM whose inputs are
-# concatenated and whose output is sliced, copies that cost more than they save here: off, the
-# txt2img UNet's 50-step loop at batch 16 needs 1.98 instead of 2.17 GiB on an H200 and runs
-# 0.763 -> 0.750 s (BENCHMARKS.md, session 10). The options are ignored on other backends.
-SAMPLER_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+# XLA options of the training steps and the sampling programs (`jax.jit(..., compiler_options=)`).
+# The dot merger joins GEMMs that share an operand (a self-attention's q/k/v) into one GEMM whose
+# inputs are concatenated and whose output is sliced, copies that cost more than they save here.
+# Off, on an H200 (BENCHMARKS.md, session 10): the txt2img train step at batch 64 waited for
+# 0.1164 -> 0.1096 s, back to back 619.7 -> 626.5 img/s, same memory; its 50-step sampling loop at
+# batch 16 0.763 -> 0.750 s, 2.17 -> 1.98 GiB. Other backends ignore these options.
+COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 
 
 def enable_compile_cache(path=None):

@@ -19,6 +19,7 @@ from latentdiff import parallel
 from latentdiff.checkpoint import Checkpointer
 from latentdiff.convert import loaders
 from latentdiff.data import make_dataset
+from latentdiff.runtime import COMPILER_OPTIONS
 from latentdiff.training import ldm_step
 from latentdiff.training.state import TrainState, make_optimizer
 
@@ -213,7 +214,7 @@ def train_ldm(config, workdir):
     step_fn = jax.jit(
         lambda s, f, b, r: ldm_step.train_step(task, tx, config.optim.accumulate, s, f, b, r),
         in_shardings=(state_sharding, parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
-        out_shardings=(state_sharding, None), donate_argnums=(0,))
+        out_shardings=(state_sharding, None), donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
     return _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, tokenizer, max_length,
                 spec, task)
 
