@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiff import parallel
-from latentdiff.runtime import COMPILER_OPTIONS
 from latentdiff.diffusion import samplers
 from latentdiff.diffusion.schedules import NoiseSchedule
 from latentdiff.models.autoencoder import first_stage_latents
 from latentdiff.models.unet import CONTEXT_KV, context_key_values
+from latentdiff.runtime import COMPILER_OPTIONS
 
 TASKS = ("text2img", "class2img", "uncond", "superres", "inpaint", "semantic")
 

@@ -106,10 +106,11 @@ def test_context_keys_and_values_projected_once(cond_variant):
     that still projected would be wrong) and the output is torch's."""
     model, params, (x, t, ctx, y), ref = cond_variant
     kv = jax.jit(lambda p, c: context_key_values(model, p, c))(params, ctx)
-    layers = [k for k, _ in jax.tree_util.tree_leaves_with_path(params) if re.search(r"attn2.*to_k", jax.tree_util.keystr(k))]
+    cross = lambda path, kinds: re.search(rf"attn2.*to_[{kinds}]", jax.tree_util.keystr(path))  # noqa: E731
+    layers = [path for path, _ in jax.tree_util.tree_leaves_with_path(params) if cross(path, "k")]
     assert len(layers) == 2 * 7 and len(jax.tree.leaves(kv)) == 2 * len(layers)  # 7 sites, 2 layers each
-    dropped = jax.tree_util.tree_map_with_path(
-        lambda path, a: jnp.zeros_like(a) if re.search(r"attn2.*to_[kv]", jax.tree_util.keystr(path)) else a, params)
+    dropped = jax.tree_util.tree_map_with_path(lambda path, a: jnp.zeros_like(a) if cross(path, "kv") else a, params)
+    assert "context_kv" not in jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, ctx, y))  # init stores none
     assert rel_err(_run(model, dropped, x, t, ctx, y=y), ref) > 1e-2  # the zeroed projections matter
     out = jax.jit(model.apply)({"params": dropped, CONTEXT_KV: kv}, x, t, ctx, y=y)
     err = rel_err(out, ref)

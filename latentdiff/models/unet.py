@@ -435,7 +435,8 @@ class CrossAttention(nn.Module):
     """LDM CrossAttention (diffusers Attention): bias-free q/k/v; self-attention if no context.
 
     With a context, its keys and values come from the `context_kv` collection when the variables
-    hold it (`context_key_values`), and are stored there when the collection is mutable."""
+    hold it (`context_key_values`), and are stored there when the collection is mutable (not in
+    `init`)."""
 
     heads: int
     head_dim: int
@@ -448,7 +449,7 @@ class CrossAttention(nn.Module):
         kv = None
         if context is not None and self.has_variable(CONTEXT_KV, "kv"):
             kv = self.get_variable(CONTEXT_KV, "kv")
-        elif context is not None and self.is_mutable_collection(CONTEXT_KV):
+        elif context is not None and self.is_mutable_collection(CONTEXT_KV) and not self.is_initializing():
             kv = key_values(context, self.heads * self.head_dim, **kw)
             self.put_variable(CONTEXT_KV, "kv", kv)
         return multihead(x, context, self.heads, self.head_dim, qkv_bias=False, zero_out=False, kv=kv, **kw)
@@ -724,7 +725,6 @@ class UNet(nn.Module):
             raise ValueError(f"context must be ({batch}, L, {cfg.context_dim}), "
                              f"got {context.shape}")
         return context
-
 
 
 def context_key_values(unet, params, context):
