@@ -316,7 +316,7 @@ def _random_params(smoke, dtype):
     from latentdiff.convert import loaders
 
     spec = _txt2img_spec(smoke, jax.numpy.float32)
-    size = 2 ** (len(spec["unet"].config.channel_mult) - 1)
+    size = spec["unet"].config.size_multiple
     k = jax.random.key(0)
     shapes, constants = _init_constants(lambda: {
         "unet": spec["unet"].init(k, *loaders.unet_example(spec["unet"], size))["params"],

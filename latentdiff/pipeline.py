@@ -118,7 +118,7 @@ class LatentDiffusionPipeline:
     def _latent_hw(self, height, width, image):
         cfg = self.config
         scale = 1 if cfg.task == "superres" else cfg.vae_scale  # input pixels per latent pixel
-        unit = scale * 2 ** (len(self.unet.config.channel_mult) - 1)
+        unit = scale * self.unet.config.size_multiple
         if cfg.task in ("superres", "inpaint", "semantic"):
             height, width = np.shape(image)[1:3]
             what = "the image's height and width"

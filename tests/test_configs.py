@@ -119,7 +119,7 @@ def ldm_spec(name):
 def unet_size(unet_config):
     """Parameters of a UNet (configs that share a network trace it once)."""
     unet = loaders.UNet(unet_config)
-    example = loaders.unet_example(unet, 2 ** (unet_config.levels - 1))
+    example = loaders.unet_example(unet, unet_config.size_multiple)
     return count(loaders.abstract_params(unet, *example))
 
 

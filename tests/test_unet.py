@@ -195,7 +195,7 @@ RELEASED = {
 def test_released_parameter_counts(name):
     params, want = RELEASED[name]
     cfg = UNetConfig.from_compvis(params)
-    s = 2 ** (cfg.levels - 1)
+    s = cfg.size_multiple
     x, t = jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,))
     ctx = jnp.zeros((1, 1, cfg.context_dim)) if cfg.context_dim else None
     shapes = jax.eval_shape(lambda: UNet(cfg).init(jax.random.key(0), x, t, ctx))

@@ -67,7 +67,7 @@ def unet_example(unet, latent_hw=8):
 
 
 def _convert_unet(unet, sd):
-    size = 2 ** (len(unet.config.channel_mult) - 1)
+    size = unet.config.size_multiple
     return convert_state_dict(sd, abstract_params(unet, *unet_example(unet, size)), prefix="unet")
 
 

@@ -90,6 +90,11 @@ class UNetConfig:
         return len(self.channel_mult)
 
     @property
+    def size_multiple(self):
+        """What the input's height and width must be multiples of: 2 ** (levels - 1)."""
+        return 2 ** (self.levels - 1)
+
+    @property
     def time_embed_dim(self):
         return 4 * self.model_channels
 
@@ -678,7 +683,7 @@ class UNet(nn.Module):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, hh, ww, c = x.shape
-        f = 2 ** (cfg.levels - 1)
+        f = cfg.size_multiple
         if hh % f or ww % f:
             raise ValueError(f"input size {hh}x{ww} is not divisible by {f}")
         if c != cfg.in_channels:
@@ -735,7 +740,7 @@ def context_key_values(unet, params, context):
     the layers' k/v projections on every step. The call runs the UNet on a small zero input whose
     output is dropped: under `jax.jit` all but the projections is dead code."""
     cfg = unet.config
-    b, s = context.shape[0], 2 ** (cfg.levels - 1)
+    b, s = context.shape[0], cfg.size_multiple
     x = jnp.zeros((b, s, s, cfg.in_channels), jnp.float32)
     y = None if cfg.num_classes is None else jnp.zeros((b,), jnp.int32)
     # "params" mutable too: flax's map_variables (layers.gathering) cannot take another mutable
