@@ -15,7 +15,9 @@ reference FLOP counts for the full-size UNets and XLA's count otherwise, against
 
   train_txt2img   the txt2img UNet (872M; 32x32x4 latents, 77x1280 context given), batch 64
   train_txt2img_no_ema  the same without our EMA of the UNet: the peer's work exactly
-  train_cin256    the cin256-v2 UNet (401M; 64x64x3 latents, one head, class labels), batch 64
+  train_cin256    the cin256-v2 UNet (401M; 64x64x3 latents, one head, class labels), batch 64, no EMA
+                  as its released config; beside it `peer_train_cin256`, diffusers' same UNet
+                  (`peer_models.py`, run by --peer like the reference peer's cases)
   train_kl_f8     the KL-f8 autoencoder with LPIPS and the PatchGAN (both updates), 256 px, batch 8
   sample_b{1,16,64}  txt2img (LDMBert + UNet + decoder) 50 DDIM steps, guidance 6, one jitted program
   sample_loop_b16 the UNet's 50 guided DDIM steps alone from a given context, batch 16: the peer's work
@@ -41,7 +43,7 @@ sys.path.insert(0, ROOT)
 
 CASES = ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
          "sample_b64", "sample_loop_b16", "bf16_check")
-PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1")
+PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1", "peer_train_cin256")
 TORCH_CASES = ("bf16_vs_torch",)  # need torch and diffusers; run by --peer without --cases
 
 
@@ -488,26 +490,37 @@ def bf16_vs_torch_case(args):
 
 
 def peer_case(which, args):
-    """The diffusers peer (`--peer`: the reference peer_torch.py) with torch's peak memory."""
+    """The diffusers peer, eager and compiled, with torch's peak memory: the reference peer_torch.py
+    (`--peer`) for the txt2img UNet, `peer_models.py` (beside this file) for cin256-v2."""
     import io
     import contextlib
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("peer_torch", args.peer)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
-    rows = []
-    for compiled in (False, True):
-        torch.cuda.reset_peak_memory_stats()
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
+    if which == "peer_train_cin256":
+        import peer_models
+
+        def run(compiled):
+            peer_models.bench_train("cin256_smoke" if args.smoke else "cin256", 2 if args.smoke else 64, compiled)
+    else:
+        spec = importlib.util.spec_from_file_location("peer_torch", args.peer)
+        peer = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(peer)
+
+        def run(compiled):
             if which == "peer_train":
                 peer.bench_train(64, compiled)
             else:
                 peer.bench_sample(1 if which == "peer_sample_b1" else 16, compiled)
+    rows, gpu = [], torch.cuda.is_available()
+    for compiled in (False, True):
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            run(compiled)
         row = json.loads(out.getvalue().strip().splitlines()[-1])
-        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if gpu else None
         rows.append(row)
     return dict(eager=rows[0], compiled=rows[1], torch=torch.__version__)
 
@@ -524,8 +537,8 @@ def run_case(name, args):
         out = train_ldm_case("txt2img_1p4b", 2 if args.smoke else 64, args)
     elif name == "train_txt2img_no_ema":
         out = train_ldm_case("txt2img_1p4b", 2 if args.smoke else 64, args, use_ema=False)
-    elif name == "train_cin256":
-        out = train_ldm_case("cin256_v2", 2 if args.smoke else 64, args)
+    elif name == "train_cin256":  # the released config keeps no EMA (use_ema: False): the peer's work
+        out = train_ldm_case("cin256_v2", 2 if args.smoke else 64, args, use_ema=False)
     elif name == "train_kl_f8":
         out = train_autoencoder_case(2 if args.smoke else 8, args)
     elif name.startswith("sample_b"):
@@ -550,7 +563,8 @@ def table(rows):
     peer = {r["case"]: r for r in rows if r["case"] in PEER_CASES and "error" not in r}
     match = {"train_txt2img": ("peer_train", "img_per_s"), "train_txt2img_no_ema": ("peer_train", "img_per_s"),
              "sample_b16": ("peer_sample_b16", "img_per_s"), "sample_loop_b16": ("peer_sample_b16", "img_per_s"),
-             "sample_b1": ("peer_sample_b1", "total_s")}
+             "sample_b1": ("peer_sample_b1", "total_s"),
+             "train_cin256": ("peer_train_cin256", "img_per_s")}
     lines = ["| case | ours | peak GiB | MFU | peer eager | peer compiled | peer GiB | ours / compiled |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

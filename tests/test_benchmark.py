@@ -118,3 +118,39 @@ def test_named_cases_run_alone_even_with_the_peer_given(tmp_path):
                           capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [json.loads(line)["case"] for line in out.read_text().splitlines()] == ["sample_b1"]
+
+
+def test_cin256_peer_is_the_configs_unet_and_trains(capsys):
+    """`peer_models.py`'s cin256-v2 UNet in diffusers is the released config's UNet (its diffusers
+    config read back, its parameter count, latent size and context), and its step runs (CPU, eager)."""
+    import dataclasses
+    import importlib
+    import importlib.util
+
+    import jax
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from latentdiff.models.unet import UNet, UNetConfig
+    from latentdiff.training.loop import compvis_params
+
+    spec = importlib.util.spec_from_file_location("peer_models", os.path.join(ROOT, "benchmarks", "peer_models.py"))
+    peer_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_models)
+    cfg = importlib.import_module("configs.cin256_v2").get_config().model
+    ours = UNetConfig.from_compvis(compvis_params(cfg)["unet_config"]["params"])
+    with torch.device("meta"):
+        model, size, context = peer_models.build("cin256")
+    theirs = UNetConfig.from_diffusers(dict(model.config))
+    assert dataclasses.replace(theirs, attention_resolutions=ours.attention_resolutions) == ours
+    assert sorted(theirs.attention_resolutions) == sorted(ours.attention_resolutions)
+    assert (size, context) == (cfg.image_size, (1, cfg.cond_stage_config.params["embed_dim"]))
+    x, t, ctx = jax.ShapeDtypeStruct((1, size, size, 3), "float32"), jax.ShapeDtypeStruct((1,), "int32"), \
+        jax.ShapeDtypeStruct((1, *context), "float32")
+    shapes = jax.eval_shape(lambda *a: UNet(ours).init(jax.random.key(0), *a), x, t, ctx)["params"]
+    assert sum(p.numel() for p in model.parameters()) == sum(a.size for a in jax.tree.leaves(shapes))
+
+    peer_models.bench_train("cin256_smoke", 2, False, warmup=1, reps=2)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["what"] == "train_step_cin256_smoke" and row["img_per_s"] > 0 and not row["compile"]
