@@ -18,7 +18,8 @@ reference FLOP counts for the full-size UNets and XLA's count otherwise, against
   train_cin256    the cin256-v2 UNet (401M; 64x64x3 latents, one head, class labels), batch 64, no EMA
                   as its released config; beside it `peer_train_cin256`, diffusers' same UNet
                   (`peer_models.py`, run by --peer like the reference peer's cases)
-  train_kl_f8     the KL-f8 autoencoder with LPIPS and the PatchGAN (both updates), 256 px, batch 8
+  train_kl_f8     the KL-f8 autoencoder with LPIPS and the PatchGAN (both updates), 256 px, batch 8;
+                  beside it `peer_train_kl_f8`, the same step in PyTorch (`peer_models.py`)
   sample_b{1,16,64}  txt2img (LDMBert + UNet + decoder) 50 DDIM steps, guidance 6, one jitted program
   sample_loop_b16 the UNet's 50 guided DDIM steps alone from a given context, batch 16: the peer's work
   bf16_check      bf16 vs fp32 on the same inputs: UNet output and one sampled image (relative error)
@@ -43,7 +44,7 @@ sys.path.insert(0, ROOT)
 
 CASES = ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
          "sample_b64", "sample_loop_b16", "bf16_check")
-PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1", "peer_train_cin256")
+PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1", "peer_train_cin256", "peer_train_kl_f8")
 TORCH_CASES = ("bf16_vs_torch",)  # need torch and diffusers; run by --peer without --cases
 
 
@@ -490,18 +491,24 @@ def bf16_vs_torch_case(args):
 
 
 def peer_case(which, args):
-    """The diffusers peer, eager and compiled, with torch's peak memory: the reference peer_torch.py
-    (`--peer`) for the txt2img UNet, `peer_models.py` (beside this file) for cin256-v2."""
+    """The PyTorch peer, eager and compiled, with torch's peak memory: the reference peer_torch.py
+    (`--peer`) for the txt2img UNet, `peer_models.py` (beside this file) for cin256-v2 and KL-f8."""
     import io
     import contextlib
 
     import torch
 
+    smoke = "_smoke" if args.smoke else ""
     if which == "peer_train_cin256":
         import peer_models
 
         def run(compiled):
-            peer_models.bench_train("cin256_smoke" if args.smoke else "cin256", 2 if args.smoke else 64, compiled)
+            peer_models.bench_train("cin256" + smoke, 2 if args.smoke else 64, compiled)
+    elif which == "peer_train_kl_f8":
+        import peer_models
+
+        def run(compiled):
+            peer_models.bench_train_autoencoder("kl_f8" + smoke, 2 if args.smoke else 8, compiled)
     else:
         spec = importlib.util.spec_from_file_location("peer_torch", args.peer)
         peer = importlib.util.module_from_spec(spec)
@@ -564,7 +571,7 @@ def table(rows):
     match = {"train_txt2img": ("peer_train", "img_per_s"), "train_txt2img_no_ema": ("peer_train", "img_per_s"),
              "sample_b16": ("peer_sample_b16", "img_per_s"), "sample_loop_b16": ("peer_sample_b16", "img_per_s"),
              "sample_b1": ("peer_sample_b1", "total_s"),
-             "train_cin256": ("peer_train_cin256", "img_per_s")}
+             "train_cin256": ("peer_train_cin256", "img_per_s"), "train_kl_f8": ("peer_train_kl_f8", "img_per_s")}
     lines = ["| case | ours | peak GiB | MFU | peer eager | peer compiled | peer GiB | ours / compiled |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -125,7 +125,6 @@ def test_cin256_peer_is_the_configs_unet_and_trains(capsys):
     config read back, its parameter count, latent size and context), and its step runs (CPU, eager)."""
     import dataclasses
     import importlib
-    import importlib.util
 
     import jax
     import pytest
@@ -134,14 +133,12 @@ def test_cin256_peer_is_the_configs_unet_and_trains(capsys):
     pytest.importorskip("diffusers")
     from latentdiff.models.unet import UNet, UNetConfig
     from latentdiff.training.loop import compvis_params
+    from tests.torch_utils import peer_models
 
-    spec = importlib.util.spec_from_file_location("peer_models", os.path.join(ROOT, "benchmarks", "peer_models.py"))
-    peer_models = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer_models)
     cfg = importlib.import_module("configs.cin256_v2").get_config().model
     ours = UNetConfig.from_compvis(compvis_params(cfg)["unet_config"]["params"])
     with torch.device("meta"):
-        model, size, context = peer_models.build("cin256")
+        model, size, context = peer_models().build("cin256")
     theirs = UNetConfig.from_diffusers(dict(model.config))
     assert dataclasses.replace(theirs, attention_resolutions=ours.attention_resolutions) == ours
     assert sorted(theirs.attention_resolutions) == sorted(ours.attention_resolutions)
@@ -151,6 +148,49 @@ def test_cin256_peer_is_the_configs_unet_and_trains(capsys):
     shapes = jax.eval_shape(lambda *a: UNet(ours).init(jax.random.key(0), *a), x, t, ctx)["params"]
     assert sum(p.numel() for p in model.parameters()) == sum(a.size for a in jax.tree.leaves(shapes))
 
-    peer_models.bench_train("cin256_smoke", 2, False, warmup=1, reps=2)
+    peer_models().bench_train("cin256_smoke", 2, False, warmup=1, reps=2)
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["what"] == "train_step_cin256_smoke" and row["img_per_s"] > 0 and not row["compile"]
+
+
+def test_autoencoder_peer_is_the_configs_and_trains(capsys):
+    """The KL-f8 peer: diffusers' AutoencoderKL is `configs/kl_f8.py`'s autoencoder (config read back,
+    parameter count), its LPIPS and discriminator have ours' parameter counts, and its two-update step
+    runs (CPU, eager, smoke size)."""
+    import importlib
+
+    import jax
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from latentdiff.losses.discriminator import NLayerDiscriminator
+    from latentdiff.losses.lpips import lpips_abstract_params
+    from latentdiff.models.autoencoder import AutoencoderConfig
+    from latentdiff.training.autoencoder_loop import build_autoencoder
+    from tests.torch_utils import peer_models
+
+    cfg = importlib.import_module("configs.kl_f8").get_config().model
+    ours = build_autoencoder(cfg)
+    with torch.device("meta"):
+        vae, size = peer_models().build("kl_f8")
+        lpips, disc = peer_models().TorchLPIPS(), peer_models().torch_discriminator(n_layers=cfg.loss.disc_num_layers)
+    assert AutoencoderConfig.from_diffusers(dict(vae.config), kind="kl") == ours.config
+    assert size == cfg.ddconfig.resolution
+    image = jax.ShapeDtypeStruct((1, size, size, 3), "float32")
+
+    def count(tree):
+        return sum(a.size for a in jax.tree.leaves(tree))
+
+    def torch_count(module, skip=""):
+        return sum(p.numel() for n, p in module.named_parameters() if not (skip and n.startswith(skip)))
+
+    assert torch_count(vae) == count(jax.eval_shape(lambda a: ours.init(jax.random.key(0), a), image))
+    assert torch_count(lpips, skip="net.classifier") == count(lpips_abstract_params())
+    disc_vars = jax.eval_shape(lambda a: NLayerDiscriminator(n_layers=cfg.loss.disc_num_layers).init(
+        jax.random.key(0), a, train=False), image)
+    assert torch_count(disc) == count(disc_vars["params"])
+
+    peer_models().bench_train_autoencoder("kl_f8_smoke", 2, False, warmup=1, reps=2)
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["what"] == "train_step_kl_f8_smoke" and row["img_per_s"] > 0

@@ -8,92 +8,14 @@ from latentdiff.convert.lpips_weights import main as convert_main
 from latentdiff.losses import autoencoder_loss as L
 from latentdiff.losses.discriminator import NLayerDiscriminator, discriminator_variables_from_torch
 from latentdiff.losses.lpips import LPIPS, load_lpips_params
-from tests.torch_utils import nchw, nhwc, rel_err, state_dict_numpy
+from tests.torch_utils import nchw, nhwc, peer_models, rel_err, state_dict_numpy
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 
 TOL = 1e-4
-VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-
-
-# ----------------------------------------------------------------------------- torch references
-
-
-class TorchVGG(tnn.Module):
-    """torchvision's vgg16 layout: state-dict keys `features.N.*` (plus a stub classifier)."""
-
-    def __init__(self):
-        super().__init__()
-        layers, c = [], 3
-        for v in VGG16_CFG:
-            if v == "M":
-                layers.append(tnn.MaxPool2d(2, 2))
-            else:
-                conv = tnn.Conv2d(c, v, 3, padding=1)
-                tnn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-                tnn.init.uniform_(conv.bias, -0.1, 0.1)
-                layers += [conv, tnn.ReLU()]
-                c = v
-        self.features = tnn.Sequential(*layers)
-        self.classifier = tnn.Sequential(tnn.Linear(8, 2))
-
-
-class TorchLin(tnn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.model = tnn.Sequential(tnn.Dropout(), tnn.Conv2d(c, 1, 1, bias=False))
-        tnn.init.uniform_(self.model[1].weight, 0.0, 0.1)
-
-
-class TorchLPIPS(tnn.Module):
-    """taming's LPIPS forward: scaling, VGG slices, unit-normalise, squared diff, lin, mean, sum."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = TorchVGG()
-        for i, c in enumerate((64, 128, 256, 512, 512)):
-            setattr(self, f"lin{i}", TorchLin(c))
-        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188])[None, :, None, None])
-        self.register_buffer("scale", torch.tensor([.458, .448, .450])[None, :, None, None])
-
-    def taps(self, x):
-        out, h = [], (x - self.shift) / self.scale
-        for a, b in ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30)):
-            h = self.net.features[a:b](h)
-            out.append(h)
-        return out
-
-    def forward(self, x0, x1):
-        def unit(f):
-            return f / (torch.sqrt(torch.sum(f ** 2, dim=1, keepdim=True)) + 1e-10)
-
-        val = 0
-        for i, (f0, f1) in enumerate(zip(self.taps(x0), self.taps(x1))):
-            d = (unit(f0) - unit(f1)) ** 2
-            val = val + getattr(self, f"lin{i}").model(d).mean([2, 3], keepdim=True)
-        return val
-
-
-def torch_discriminator(ndf=64, n_layers=3):
-    """taming's NLayerDiscriminator with weights_init."""
-    seq = [tnn.Conv2d(3, ndf, 4, 2, 1), tnn.LeakyReLU(0.2, True)]
-    mult = 1
-    for n in range(1, n_layers + 1):
-        prev, mult = mult, min(2 ** n, 8)
-        seq += [tnn.Conv2d(ndf * prev, ndf * mult, 4, 2 if n < n_layers else 1, 1, bias=False),
-                tnn.BatchNorm2d(ndf * mult), tnn.LeakyReLU(0.2, True)]
-    seq.append(tnn.Conv2d(ndf * mult, 1, 4, 1, 1))
-    d = tnn.Module()
-    d.main = tnn.Sequential(*seq)
-    d.forward = d.main.forward
-    for m in d.modules():
-        if isinstance(m, tnn.Conv2d):
-            tnn.init.normal_(m.weight, 0.0, 0.02)
-        elif isinstance(m, tnn.BatchNorm2d):
-            tnn.init.normal_(m.weight, 1.0, 0.02)
-            tnn.init.constant_(m.bias, 0)
-    return d
+# torch references: taming's LPIPS and NLayerDiscriminator, also the benchmark's peers
+TorchLPIPS, torch_discriminator = peer_models().TorchLPIPS, peer_models().torch_discriminator
 
 
 def flax_discriminator(tdisc, ndf, n_layers, size):

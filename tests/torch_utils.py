@@ -1,8 +1,24 @@
 """Helpers for parity tests against diffusers' PyTorch modules (CPU, float32)."""
+import importlib.util
+import os
+import sys
+
 import jax
 import numpy as np
 
 from latentdiff.convert.torch_names import convert_state_dict
+
+
+def peer_models():
+    """`benchmarks/peer_models.py`: the PyTorch peers of our models, which are also the references of
+    the LPIPS and discriminator parity tests (imported once per process)."""
+    if "peer_models" not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "peer_models.py")
+        spec = importlib.util.spec_from_file_location("peer_models", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["peer_models"] = module
+    return sys.modules["peer_models"]
 
 
 def state_dict_numpy(torch_module):
