@@ -96,7 +96,7 @@ def torch_discriminator(ndf=64, n_layers=3):
     return d
 
 
-# smoke: the same structures shrunk for a CPU
+# the full-size models, and the same structures shrunk for a CPU (smoke)
 CIN256_V2 = dict(in_channels=3, out_channels=3, block_out_channels=(192, 384, 576, 960),
                  down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
                  up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
@@ -188,22 +188,24 @@ def bench_train_autoencoder(name, batch, compile_, warmup=3, reps=10, kl_weight=
     logvar = torch.zeros((), device=device)  # a parameter of the loss that CompVis' optimizers leave out
     opt = torch.optim.Adam(vae.parameters(), lr=4.5e-6, betas=(0.5, 0.9))
     disc_opt = torch.optim.Adam(disc.parameters(), lr=4.5e-6, betas=(0.5, 0.9))
-    fns = (vae.encode, vae.decode, lpips, disc)
-    encode, decode, perceptual, critic = (torch.compile(f) for f in fns) if compile_ else fns
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     last = vae.decoder.conv_out.weight
 
-    def reconstruct():
-        posterior = encode(x).latent_dist
-        return decode(posterior.sample()).sample, posterior
+    def autoencode(x):
+        """The reconstruction of a posterior sample, and the posterior's mean and log-variance."""
+        posterior = vae.encode(x).latent_dist
+        return vae.decode(posterior.sample()).sample, posterior.mean, posterior.logvar
+
+    fns = (autoencode, lpips, disc)
+    reconstruct, perceptual, critic = (torch.compile(f) for f in fns) if compile_ else fns
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16):
-            rec, posterior = reconstruct()
+            rec, mean, var_log = reconstruct(x)
             rec_loss = torch.abs(x - rec.float()) + perceptual(x, rec).float()
             nll = torch.sum(rec_loss / torch.exp(logvar) + logvar) / batch
-            kl = torch.sum(posterior.kl()) / batch
+            kl = 0.5 * torch.sum(mean.float() ** 2 + torch.exp(var_log.float()) - 1.0 - var_log.float()) / batch
             g_loss = -torch.mean(critic(rec).float())
         g_nll = torch.autograd.grad(nll, last, retain_graph=True)[0]
         g_gan = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
@@ -213,7 +215,7 @@ def bench_train_autoencoder(name, batch, compile_, warmup=3, reps=10, kl_weight=
         disc_opt.zero_grad(set_to_none=True)
         with torch.autocast(device, dtype=torch.bfloat16):
             with torch.no_grad():
-                rec = reconstruct()[0]
+                rec = reconstruct(x)[0]
             real, fake = critic(x).float(), critic(rec).float()
             d_loss = 0.5 * (torch.mean(torch.relu(1.0 - real)) + torch.mean(torch.relu(1.0 + fake)))
         d_loss.backward()
