@@ -44,7 +44,10 @@ sys.path.insert(0, ROOT)
 
 CASES = ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
          "sample_b64", "sample_loop_b16", "bf16_check")
-PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1", "peer_train_cin256", "peer_train_kl_f8")
+# the peer cases that `peer_models.py` (beside this file) runs: its function, model and batch (ours' batch)
+OWN_PEERS = {"peer_train_cin256": ("bench_train", "cin256", 64),
+             "peer_train_kl_f8": ("bench_train_autoencoder", "kl_f8", 8)}
+PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1") + tuple(OWN_PEERS)
 TORCH_CASES = ("bf16_vs_torch",)  # need torch and diffusers; run by --peer without --cases
 
 
@@ -181,7 +184,9 @@ def train_ldm_case(name, batch, args, use_ema=True):
     _note(f"compiled in {time.perf_counter() - t0:.1f} s")
     holder = [state]
 
-    def run():  # through jit, as the training loop calls it: a faster dispatch than `compiled(...)`
+    # timed through jit, as the training loop calls it (a faster dispatch than `compiled(...)`); its
+    # first call loads the program that `compile()` above put in the persistent compilation cache
+    def run():
         holder[0], metrics = step(holder[0], data, keys[2])
         jax.block_until_ready(metrics["loss"])
 
@@ -498,17 +503,15 @@ def peer_case(which, args):
 
     import torch
 
-    smoke = "_smoke" if args.smoke else ""
-    if which == "peer_train_cin256":
+    if which in OWN_PEERS:
         import peer_models
 
-        def run(compiled):
-            peer_models.bench_train("cin256" + smoke, 2 if args.smoke else 64, compiled)
-    elif which == "peer_train_kl_f8":
-        import peer_models
+        bench_fn, model, batch = OWN_PEERS[which]
+        if args.smoke:
+            model, batch = model + "_smoke", 2
 
         def run(compiled):
-            peer_models.bench_train_autoencoder("kl_f8" + smoke, 2 if args.smoke else 8, compiled)
+            getattr(peer_models, bench_fn)(model, batch, compiled)
     else:
         spec = importlib.util.spec_from_file_location("peer_torch", args.peer)
         peer = importlib.util.module_from_spec(spec)

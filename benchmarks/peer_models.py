@@ -112,18 +112,20 @@ AUTOENCODERS = {"kl_f8": (KL_F8, 256),
                 "kl_f8_smoke": (dict(KL_F8, block_out_channels=(32,) * 4, layers_per_block=1), 32)}
 
 
-def build(name, device=None):
-    """The diffusers model of `MODELS[name]` (its latent size and context's (tokens, width) too) or
-    of `AUTOENCODERS[name]` (its image size too)."""
+def build_unet(name):
+    """The diffusers UNet of `MODELS[name]`, its latent size and its context's (tokens, width)."""
     import diffusers
 
-    if name in AUTOENCODERS:
-        kwargs, size = AUTOENCODERS[name]
-        model, extra = diffusers.AutoencoderKL(sample_size=size, **kwargs), (size,)
-    else:
-        kwargs, size, context = MODELS[name]
-        model, extra = diffusers.UNet2DConditionModel(sample_size=size, **kwargs), (size, context)
-    return ((model if device is None else model.to(device)),) + extra
+    kwargs, size, context = MODELS[name]
+    return diffusers.UNet2DConditionModel(sample_size=size, **kwargs), size, context
+
+
+def build_autoencoder(name):
+    """The diffusers AutoencoderKL of `AUTOENCODERS[name]` and its image size."""
+    import diffusers
+
+    kwargs, size = AUTOENCODERS[name]
+    return diffusers.AutoencoderKL(sample_size=size, **kwargs), size
 
 
 def _device():
@@ -158,7 +160,8 @@ def bench_train(name, batch, compile_, warmup=3, reps=10):
     """One JSON line: the train step (eps loss, AdamW) of `name`'s UNet at `batch`, as the reference
     peer measures its own."""
     device = _device()
-    model, size, (tokens, width) = build(name, device)
+    model, size, (tokens, width) = build_unet(name)
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     run = torch.compile(model) if compile_ else model
     x = torch.randn(batch, model.config.in_channels, size, size, device=device)
@@ -182,7 +185,8 @@ def bench_train_autoencoder(name, batch, compile_, warmup=3, reps=10, kl_weight=
     """One JSON line: the KL autoencoder's generator step and the discriminator's step (module
     docstring) at `batch` images, as the reference peer measures its UNet's."""
     device = _device()
-    vae, size = build(name, device)
+    vae, size = build_autoencoder(name)
+    vae = vae.to(device)
     lpips = TorchLPIPS().to(device).eval().requires_grad_(False)
     disc = torch_discriminator().to(device)
     logvar = torch.zeros((), device=device)  # a parameter of the loss that CompVis' optimizers leave out

@@ -138,7 +138,7 @@ def test_cin256_peer_is_the_configs_unet_and_trains(capsys):
     cfg = importlib.import_module("configs.cin256_v2").get_config().model
     ours = UNetConfig.from_compvis(compvis_params(cfg)["unet_config"]["params"])
     with torch.device("meta"):
-        model, size, context = peer_models().build("cin256")
+        model, size, context = peer_models().build_unet("cin256")
     theirs = UNetConfig.from_diffusers(dict(model.config))
     assert dataclasses.replace(theirs, attention_resolutions=ours.attention_resolutions) == ours
     assert sorted(theirs.attention_resolutions) == sorted(ours.attention_resolutions)
@@ -173,7 +173,7 @@ def test_autoencoder_peer_is_the_configs_and_trains(capsys):
     cfg = importlib.import_module("configs.kl_f8").get_config().model
     ours = build_autoencoder(cfg)
     with torch.device("meta"):
-        vae, size = peer_models().build("kl_f8")
+        vae, size = peer_models().build_autoencoder("kl_f8")
         lpips, disc = peer_models().TorchLPIPS(), peer_models().torch_discriminator(n_layers=cfg.loss.disc_num_layers)
     assert AutoencoderConfig.from_diffusers(dict(vae.config), kind="kl") == ours.config
     assert size == cfg.ddconfig.resolution
