@@ -294,6 +294,22 @@ def test_padded_lengths_give_the_same_attention():
     assert pad_lengths(qp, kp, vp)[3] is None
 
 
+def test_xla_attention_keeps_no_scores_for_the_backward_pass():
+    """The XLA path (heads over 256 wide, or no cuDNN) saves q, k and v alone for its gradient and
+    recomputes the (B, H, T, S) scores; the gradient is the plain attention's."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from latentdiff.models.attention import attention
+
+    q, k, v = (jax.random.normal(key, (2, 64, 1, 16)) for key in jax.random.split(jax.random.key(0), 3))
+    loss = lambda *a: jnp.sum(jnp.sin(attention(*a, implementation="xla")))  # noqa: E731
+    plain = lambda *a: jnp.sum(jnp.sin(jax.nn.dot_product_attention(*a, implementation="xla")))  # noqa: E731
+    scores = lambda f: [r.shape for r, _ in saved_residuals(f, q, k, v) if r.shape[-2:] == (64, 64)]  # noqa: E731
+    assert scores(plain) and not scores(loss), (scores(plain), scores(loss))
+    for got, want in zip(jax.grad(loss, (0, 1, 2))(q, k, v), jax.grad(plain, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
 def test_gelu_matches_torch_exact_gelu():
     """layers.gelu (erf form, as torch) against torch's exact GELU, fp32 and bf16, with its gradient
     (in the far negative tail, where GELU is below 1e-6, erf's 1 + erf(x) loses its few digits)."""

@@ -2,7 +2,9 @@
 
 `attention(q, k, v)` takes (batch, length, heads, head_dim) arrays and runs
 `jax.nn.dot_product_attention`: cuDNN's fused flash attention on a GPU when the compute dtype is
-bf16/fp16 and the head size allows it, XLA otherwise (softmax in float32 either way).
+bf16/fp16 and the head size allows it, XLA otherwise (softmax in float32 either way). XLA's
+attention recomputes its scores in the backward pass, as flash attention does, instead of keeping
+them (`_xla_attention`).
 """
 import jax
 import jax.numpy as jnp
@@ -62,7 +64,15 @@ def attention(q, k, v, scale=None, implementation=None):
         out = _cudnn_attention(q, k, v, scale)
         if out is not None:
             return out
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+    return _xla_attention(q, k, v, scale)
+
+
+def _xla_attention(q, k, v, scale):
+    """XLA's attention, its (batch, heads, queries, keys) softmax recomputed from q, k and v in the
+    backward pass rather than kept from the forward pass: cin256-v2's single heads of 384-960
+    channels, which cuDNN refuses, kept 64 x 1024 x 1024 float32 scores per layer at 32 x 32."""
+    return jax.checkpoint(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, scale=scale, implementation="xla"))(
+        q, k, v)
 
 
 def split_heads(x, heads):
