@@ -69,8 +69,10 @@ def attention(q, k, v, scale=None, implementation=None):
 
 def _xla_attention(q, k, v, scale):
     """XLA's attention, its (batch, heads, queries, keys) softmax recomputed from q, k and v in the
-    backward pass rather than kept from the forward pass: cin256-v2's single heads of 384-960
-    channels, which cuDNN refuses, kept 64 x 1024 x 1024 float32 scores per layer at 32 x 32."""
+    backward pass rather than kept from the forward pass. cin256-v2's single heads of 384-960
+    channels, which cuDNN refuses, kept float32 and bf16 scores of 64 x 1024 x 1024 per layer at
+    32 x 32: the recompute took its training step's peak from 21.90 to 19.90 GiB on an H200 (the
+    compiled PyTorch peer's: 20.99), and the step from 0.1278 to 0.1247 s."""
     return jax.checkpoint(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, scale=scale, implementation="xla"))(
         q, k, v)
 
