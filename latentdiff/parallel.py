@@ -77,9 +77,11 @@ def host_init(init, rng, shardings):
 
 
 def compile_together(fn, *args):
-    """`fn.lower(*args).compile()` for a jitted `fn`, returned once every process has compiled its
-    copy: processes compile at different speeds, and CPU (gloo) collectives give a late peer only
-    30 s before they fail."""
+    """Compile the jitted `fn` for `args` and return once every process has compiled its copy:
+    processes compile at different speeds, and CPU (gloo) collectives give a late peer only 30 s
+    before they fail. Call `fn` itself afterwards: jit keeps the executable, and its calls dispatch
+    the step's thousands of state arrays faster than the returned `Compiled` object's (CPU, 2,800
+    arrays: 9.0 against 12.8 ms)."""
     compiled = fn.lower(*args).compile()
     if jax.process_count() > 1:
         from jax._src import distributed  # the coordination service's barrier: no device collective

@@ -49,3 +49,20 @@ def test_a_non_finite_step_changes_nothing_but_the_step():
     for part in ("params", "ema", "opt_state"):
         for a, b in zip(_leaves(getattr(new, part)), _leaves(getattr(state, part))):
             np.testing.assert_array_equal(a, b)
+
+
+def test_compile_together_leaves_the_jitted_step_compiled(caplog):
+    """The training loops compile the step with `parallel.compile_together` (every process waits for
+    the others) and then call the jitted step itself: that call reuses the executable, no second compile."""
+    step = jax.jit(lambda s, x: (jax.tree_util.tree_map(lambda a: a * x, s), x.sum()), donate_argnums=(0,))
+    state, x = {"w": jnp.ones((3, 4)), "b": jnp.zeros((4,))}, jnp.full((4,), 2.0)
+    parallel.compile_together(step, state, x)
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        state, total = step(state, x)
+        state, total = step(state, x)
+    assert not [r for r in caplog.records if "Compiling" in r.getMessage()], caplog.text
+    np.testing.assert_allclose(np.asarray(state["w"]), 4.0)
+    other = jnp.full((1,), 2.0)
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        step(state, other)  # a new shape: the check above can see a compile
+    assert [r for r in caplog.records if "Compiling" in r.getMessage()]

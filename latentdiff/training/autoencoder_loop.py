@@ -200,7 +200,7 @@ def train_autoencoder(config, workdir):
         while step < total:
             x = parallel.to_global(next(loader)["image"], mesh)
             if step == first:
-                step_fn = parallel.compile_together(step_fn, state, lpips_params, x, rng)
+                parallel.compile_together(step_fn, state, lpips_params, x, rng)
             state, metrics = step_fn(state, lpips_params, x, rng)
             step += 1
             imgs += config.data.batch_size

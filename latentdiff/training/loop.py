@@ -234,7 +234,7 @@ def _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, token
         while step < total:
             batch = parallel.to_global(_host_batch(next(loader), tokenizer, max_length), mesh)
             if step == start:
-                step_fn = parallel.compile_together(step_fn, state, frozen, batch, rng)
+                parallel.compile_together(step_fn, state, frozen, batch, rng)
             state, metrics = step_fn(state, frozen, batch, rng)
             step += 1
             imgs += config.data.batch_size
