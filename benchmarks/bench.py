@@ -258,7 +258,7 @@ def train_autoencoder_case(batch, args):
     step = jax.jit(make_step(ae, disc, lpips, loss, tx, disc_tx), donate_argnums=(0,))
     t0 = time.perf_counter()
     lowered = step.lower(state, lpips_params, x, k[3])
-    compiled = lowered.compile()
+    lowered.compile()  # kept by jit for the calls below
     _note(f"compiled in {time.perf_counter() - t0:.1f} s")
     holder = [state]
 
