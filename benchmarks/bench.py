@@ -44,9 +44,9 @@ sys.path.insert(0, ROOT)
 
 CASES = ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
          "sample_b64", "sample_loop_b16", "bf16_check")
-# the peer cases that `peer_models.py` (beside this file) runs: its function, model and batch (ours' batch)
-OWN_PEERS = {"peer_train_cin256": ("bench_train", "cin256", 64),
-             "peer_train_kl_f8": ("bench_train_autoencoder", "kl_f8", 8)}
+# the peer cases that `peer_models.py` (beside this file) runs: its function, model and batch, and our case
+OWN_PEERS = {"peer_train_cin256": ("bench_train", "cin256", 64, "train_cin256"),
+             "peer_train_kl_f8": ("bench_train_autoencoder", "kl_f8", 8, "train_kl_f8")}
 PEER_CASES = ("peer_train", "peer_sample_b16", "peer_sample_b1") + tuple(OWN_PEERS)
 TORCH_CASES = ("bf16_vs_torch",)  # need torch and diffusers; run by --peer without --cases
 
@@ -510,7 +510,7 @@ def peer_case(which, args):
     if which in OWN_PEERS:
         import peer_models
 
-        bench_fn, model, batch = OWN_PEERS[which]
+        bench_fn, model, batch, _ = OWN_PEERS[which]
         if args.smoke:
             model, batch = model + "_smoke", 2
 
@@ -577,8 +577,8 @@ def table(rows):
     peer = {r["case"]: r for r in rows if r["case"] in PEER_CASES and "error" not in r}
     match = {"train_txt2img": ("peer_train", "img_per_s"), "train_txt2img_no_ema": ("peer_train", "img_per_s"),
              "sample_b16": ("peer_sample_b16", "img_per_s"), "sample_loop_b16": ("peer_sample_b16", "img_per_s"),
-             "sample_b1": ("peer_sample_b1", "total_s"),
-             "train_cin256": ("peer_train_cin256", "img_per_s"), "train_kl_f8": ("peer_train_kl_f8", "img_per_s")}
+             "sample_b1": ("peer_sample_b1", "total_s")}
+    match.update({ours: (peer, "img_per_s") for peer, (*_, ours) in OWN_PEERS.items()})
     lines = ["| case | ours | peak GiB | MFU | peer eager | peer compiled | peer GiB | ours / compiled |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,5 +1,5 @@
 """Helpers for parity tests against diffusers' PyTorch modules (CPU, float32)."""
-import importlib.util
+import importlib
 import os
 import sys
 
@@ -11,14 +11,11 @@ from latentdiff.convert.torch_names import convert_state_dict
 
 def peer_models():
     """`benchmarks/peer_models.py`: the PyTorch peers of our models, which are also the references of
-    the LPIPS and discriminator parity tests (imported once per process)."""
-    if "peer_models" not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "peer_models.py")
-        spec = importlib.util.spec_from_file_location("peer_models", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["peer_models"] = module
-    return sys.modules["peer_models"]
+    the LPIPS and discriminator parity tests (imported as bench.py imports it, from its folder)."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module("peer_models")
 
 
 def state_dict_numpy(torch_module):
