@@ -179,8 +179,10 @@ def train_ldm_case(name, batch, args, use_ema=True):
         data["context"] = jax.random.normal(keys[1], (batch, 77, ucfg.context_dim), jnp.float32)
     else:
         data["class_label"] = jax.random.randint(keys[1], (batch,), 0, 1000)
-    step = jax.jit(lambda s, b, r: ldm_step.train_step(task, tx, 1, s, {"vae": None}, b, r),
-                   donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
+    treedef = jax.tree_util.tree_structure(state)
+    step = jax.jit(parallel.on_leaves(lambda s, b, r: ldm_step.train_step(task, tx, 1, s, {"vae": None}, b, r),
+                                      treedef), donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
+    state = jax.tree_util.tree_leaves(state)  # as the training loop holds it (`parallel.on_leaves`)
     t0 = time.perf_counter()
     lowered = step.lower(state, data, keys[2])
     compiled = lowered.compile()
@@ -200,7 +202,7 @@ def train_ldm_case(name, batch, args, use_ema=True):
     jax.block_until_ready(metrics["loss"])
     pipelined = (time.perf_counter() - t0) / args.reps
     flops = _flops(lowered)
-    params = sum(x.size for x in jax.tree_util.tree_leaves(holder[0].params))
+    params = sum(x.size for x in jax.tree_util.tree_leaves(jax.tree_util.tree_unflatten(treedef, holder[0]).params))
     return dict(batch=batch, params_M=round(params / 1e6, 1), step_s=round(seconds, 4),
                 img_per_s=round(batch / seconds, 1), pipelined_img_per_s=round(batch / pipelined, 1),
                 xla_memory=xla_memory(compiled), **_mfu(flops, seconds, args, name, batch))
@@ -255,7 +257,9 @@ def train_autoencoder_case(batch, args):
     shardings = parallel.tree_shardings(abstract_state(ae, disc, tx, disc_tx, size, k[1]), parallel.make_mesh())
     state = init_state(ae, disc, tx, disc_tx, size, k[1], shardings)
     lpips_params = jax.jit(lpips.init)(k[2], x[:1], x[:1])["params"]  # random weights: speed only
-    step = jax.jit(make_step(ae, disc, lpips, loss, tx, disc_tx), donate_argnums=(0,))
+    treedef = jax.tree_util.tree_structure(state)
+    step = jax.jit(parallel.on_leaves(make_step(ae, disc, lpips, loss, tx, disc_tx), treedef), donate_argnums=(0,))
+    state = jax.tree_util.tree_leaves(state)  # as the training loop holds it
     t0 = time.perf_counter()
     lowered = step.lower(state, lpips_params, x, k[3])
     lowered.compile()  # kept by jit for the calls below

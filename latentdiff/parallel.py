@@ -93,6 +93,17 @@ def compile_together(fn, *args):
 _BARRIERS = [0]
 
 
+def on_leaves(step, treedef):
+    """`step(state, *args) -> (state, out)` as `(leaves, *args) -> (leaves, out)` for a state of
+    structure `treedef`: a loop that keeps the state's leaves in a list between steps spares jit
+    flattening the nested state on every call and building it again from the outputs (CPU, the
+    txt2img UNet's no-EMA state of 2,061 arrays: 7.1-7.4 -> 5.6-5.7 ms of host time per call)."""
+    def flat(leaves, *args):
+        new, out = step(jax.tree_util.tree_unflatten(treedef, leaves), *args)
+        return jax.tree_util.tree_leaves(new), out
+    return flat
+
+
 def to_host(tree):
     """Numpy copies of (possibly sharded) arrays; with several processes a collective that every
     process must call (each gets the whole arrays)."""

@@ -187,11 +187,16 @@ def train_autoencoder(config, workdir):
     state = resume(ckpt, abstract, shardings, loader, workdir)
     if state is None:
         state = init_state(ae, disc, tx, disc_tx, size, rng, shardings)
-    step_fn = jax.jit(make_step(ae, disc, lpips, loss_cfg, tx, disc_tx),
-                      in_shardings=(shardings, parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+    treedef = jax.tree_util.tree_structure(abstract)
+    leaf_shardings = treedef.flatten_up_to(shardings)
+    step_fn = jax.jit(parallel.on_leaves(make_step(ae, disc, lpips, loss_cfg, tx, disc_tx), treedef),
+                      in_shardings=(leaf_shardings, parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
+                      out_shardings=(leaf_shardings, None), donate_argnums=(0,))
 
     total, step = config.train.steps, int(jax.device_get(state.step))
+    leaves = jax.tree_util.tree_leaves(state)
+    del state  # donated to the first step: rebuilt from `leaves` where needed
+    current = lambda: jax.tree_util.tree_unflatten(treedef, leaves)  # noqa: E731
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     bar, stop = progress(step, total, jax.process_index() == 0), _Stop()
     t0, imgs, metrics, x = time.perf_counter(), 0, None, None
@@ -200,8 +205,8 @@ def train_autoencoder(config, workdir):
         while step < total:
             x = parallel.to_global(next(loader)["image"], mesh)
             if step == first:
-                parallel.compile_together(step_fn, state, lpips_params, x, rng)
-            state, metrics = step_fn(state, lpips_params, x, rng)
+                parallel.compile_together(step_fn, leaves, lpips_params, x, rng)
+            leaves, metrics = step_fn(leaves, lpips_params, x, rng)
             step += 1
             imgs += config.data.batch_size
             if step % config.train.log_every == 0 or step == total or step % config.train.ckpt_every == 0:
@@ -213,9 +218,9 @@ def train_autoencoder(config, workdir):
                 writer.write(step, {k: float(v) for k, v in metrics.items() if k != "finite"} | {"img_per_s": rate})
                 bar.set(step, float(metrics["loss"]), rate)
             if step % config.train.ckpt_every == 0 or step == total or stop.requested:
-                ckpt.save(step, state, loader.get_state(), {"skipped_images": loader.skipped})
+                ckpt.save(step, current(), loader.get_state(), {"skipped_images": loader.skipped})
             if config.train.sample_every and step % config.train.sample_every == 0:
-                host = parallel.to_host((state.params, x))  # every process takes part
+                host = parallel.to_host((current().params, x))  # every process takes part
                 if jax.process_index() == 0:
                     save_reconstructions(ae, *host, os.path.join(workdir, "samples", f"recon_{step:08d}.png"))
             if stop.requested:
@@ -227,14 +232,14 @@ def train_autoencoder(config, workdir):
         stop.restore()
         writer.close()
     if step == total:
-        params = parallel.to_host(state.params)  # every process takes part
+        params = parallel.to_host(current().params)  # every process takes part
         if jax.process_index() == 0:
             export_autoencoder(workdir, config, params)
     summary = {"steps": step, "skipped_images": loader.skipped,
                "final_loss": None if metrics is None else float(metrics["loss"])}
     if jax.process_index() == 0:
         print("summary:", json.dumps(summary))
-    return state, summary
+    return current(), summary
 
 
 def save_reconstructions(ae, params, x, path):

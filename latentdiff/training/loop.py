@@ -211,19 +211,26 @@ def train_ldm(config, workdir):
             state = state.replace(scale_factor=scale)
             print(f"scale_factor set from the first batch: {float(scale):.5f}")
 
+    treedef = jax.tree_util.tree_structure(abstract)
+    leaf_shardings = treedef.flatten_up_to(state_sharding)
     step_fn = jax.jit(
-        lambda s, f, b, r: ldm_step.train_step(task, tx, config.optim.accumulate, s, f, b, r),
-        in_shardings=(state_sharding, parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
-        out_shardings=(state_sharding, None), donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
+        parallel.on_leaves(lambda s, f, b, r: ldm_step.train_step(task, tx, config.optim.accumulate, s, f, b, r),
+                           treedef),
+        in_shardings=(leaf_shardings, parallel.replicated(mesh), parallel.batch_sharding(mesh), None),
+        out_shardings=(leaf_shardings, None), donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
     return _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, tokenizer, max_length,
                 spec, task)
 
 
 def _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, tokenizer, max_length, spec, task):
+    """The loop over `step_fn` (`parallel.on_leaves`: the state's leaves in, the new leaves out)."""
     from latentdiff.training.logging import MetricWriter, progress
 
     total = config.train.steps
     start = int(jax.device_get(state.step))
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    del state  # its arrays are donated to the first step: the state is rebuilt from `leaves` where needed
+    current = lambda: jax.tree_util.tree_unflatten(treedef, leaves)  # noqa: E731
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     stop = _Stop()
     pending = None  # (step, metrics) of the previous step: read while the next one runs
@@ -234,8 +241,8 @@ def _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, token
         while step < total:
             batch = parallel.to_global(_host_batch(next(loader), tokenizer, max_length), mesh)
             if step == start:
-                parallel.compile_together(step_fn, state, frozen, batch, rng)
-            state, metrics = step_fn(state, frozen, batch, rng)
+                parallel.compile_together(step_fn, leaves, frozen, batch, rng)
+            leaves, metrics = step_fn(leaves, frozen, batch, rng)
             step += 1
             imgs += config.data.batch_size
             if pending is not None:
@@ -248,9 +255,9 @@ def _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, token
             pending = (step, metrics)
             if step % config.train.ckpt_every == 0 or step == total or stop.requested:
                 _check(pending, ckpt)
-                ckpt.save(step, state, loader.get_state(), {"skipped_images": loader.skipped})
+                ckpt.save(step, current(), loader.get_state(), {"skipped_images": loader.skipped})
             if config.train.sample_every and step % config.train.sample_every == 0:
-                write_samples(config, workdir, spec, state, frozen, tokenizer, step)
+                write_samples(config, workdir, spec, current(), frozen, tokenizer, step)
             if stop.requested:
                 print(f"SIGTERM: saved step {step}, exiting")
                 break
@@ -266,12 +273,12 @@ def _run(config, workdir, state, frozen, loader, ckpt, step_fn, rng, mesh, token
         stop.restore()
         writer.close()
     if step == total:
-        export_pipeline(workdir, spec, state, frozen, tokenizer)
+        export_pipeline(workdir, spec, current(), frozen, tokenizer)
     summary = {"steps": step, "skipped_images": loader.skipped,
                "final_loss": float(pending[1]["loss"]) if pending else None}
     if jax.process_index() == 0:
         print("summary:", json.dumps(summary))
-    return state, summary
+    return current(), summary
 
 
 def _check(pending, ckpt):
