@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Optional, Tuple, Union
 
 import flax.linen as nn
+from flax import traverse_util
 import jax.numpy as jnp
 
 from latentdiff.models.attention import key_values, multihead
@@ -733,12 +734,17 @@ class UNet(nn.Module):
 
 
 def context_key_values(unet, params, context):
-    """Every cross-attention layer's keys and values of `context`, as the `context_kv` collection.
+    """The keys and values of `context` of every cross-attention layer narrower than the UNet's
+    widest level, as the `context_kv` collection.
 
     Computed once where the context does not change (a sampling loop), they are passed back with
     the parameters, `unet.apply({"params": params, "context_kv": kv}, x, t, context)`, and replace
-    the layers' k/v projections on every step. The call runs the UNet on a small zero input whose
-    output is dropped: under `jax.jit` all but the projections is dead code."""
+    those layers' k/v projections on every step. The widest layers (the deepest levels and the
+    middle block) still project theirs on every step: they hold most of the cache (the txt2img UNet
+    at batch 16 with guidance, 72 of 111 MiB), which would put the sampling loop's memory above
+    diffusers' (H200: 2.10 against its 2.09 GiB; without them 2.03 GiB, the loop 1% slower). The
+    call runs the UNet on a small zero input whose output is dropped: under `jax.jit` all but the
+    projections is dead code."""
     cfg = unet.config
     b, s = context.shape[0], cfg.size_multiple
     x = jnp.zeros((b, s, s, cfg.in_channels), jnp.float32)
@@ -746,4 +752,6 @@ def context_key_values(unet, params, context):
     # "params" mutable too: flax's map_variables (layers.gathering) cannot take another mutable
     # collection alone
     _, state = unet.apply({"params": params}, x, jnp.zeros((b,)), context, y, mutable=["params", CONTEXT_KV])
-    return state[CONTEXT_KV]
+    widest = cfg.model_channels * max(cfg.channel_mult)
+    flat = traverse_util.flatten_dict(state[CONTEXT_KV])
+    return traverse_util.unflatten_dict({path: kv for path, kv in flat.items() if kv[0].shape[-1] < widest})
