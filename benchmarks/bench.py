@@ -146,12 +146,12 @@ def train_ldm_case(name, batch, args, use_ema=True):
     """Img/s of the real LDM train step; text models get the context as input, as the peer does."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     from latentdiff.convert import loaders
     from latentdiff.training import ldm_step
     from latentdiff import parallel
     from latentdiff.training.loop import _init_fns, abstract_train_state, compvis_params, init_train_state
+    from latentdiff.training.state import make_optimizer
     from latentdiff.runtime import COMPILER_OPTIONS
 
     cfg = _config(name, args.smoke, args.remat)
@@ -162,7 +162,7 @@ def train_ldm_case(name, batch, args, use_ema=True):
     task = ldm_step.LDMTask(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"],
                             task=spec["config"].task, alphas_cumprod=spec["schedule"].alphas_cumprod,
                             cond_trainable=True, cond_drop_prob=0.0, ema_max_decay=0.9999, use_ema=use_ema)
-    tx = optax.adamw(1e-4, weight_decay=0.01)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)  # train.py's optimizer
     _note("building the train state")
     init_params, make_state = _init_fns(spec, task, tx, cfg)
     shardings = parallel.tree_shardings(abstract_train_state(init_params, make_state, jax.random.key(0)),

@@ -46,7 +46,6 @@ if args.smoke:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 
 import bench  # noqa: E402
 from latentdiff import parallel  # noqa: E402
@@ -54,6 +53,7 @@ from latentdiff.convert import loaders  # noqa: E402
 from latentdiff.runtime import COMPILER_OPTIONS, enable_compile_cache  # noqa: E402
 from latentdiff.training import ldm_step  # noqa: E402
 from latentdiff.training.loop import _init_fns, abstract_train_state, compvis_params, init_train_state  # noqa: E402
+from latentdiff.training.state import make_optimizer  # noqa: E402
 
 enable_compile_cache()
 T0 = time.time()
@@ -80,7 +80,7 @@ class Step:
         self.task = ldm_step.LDMTask(unet=spec["unet"], vae=spec["vae"], cond_model=spec["cond_model"],
                                      task="text2img", alphas_cumprod=spec["schedule"].alphas_cumprod,
                                      cond_trainable=True)
-        self.tx = optax.adamw(1e-4, weight_decay=0.01)
+        self.tx = make_optimizer(cfg.optim, cfg.train.steps)  # train.py's optimizer
         self.init_params, self.make_state = _init_fns(spec, self.task, self.tx, cfg)
         self.abstract = abstract_train_state(self.init_params, self.make_state, jax.random.key(0))
         self.per_device, hw = per_device, cfg.model.image_size
