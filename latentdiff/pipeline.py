@@ -249,7 +249,8 @@ def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
     """The sampler's model_fn(x, t): the UNet with classifier-free guidance, unconditional and
     conditional rows in one batch (`ctx` holds the unconditional rows first) combined as
     u + scale * (c - u); with `guidance_scale` None, the UNet once. `concat`: channels appended to x.
-    The context's keys and values are projected once, here, not on every step."""
+    The context's keys and values are projected once, here, for all but the widest layers
+    (`unet.context_key_values`)."""
     variables = {"params": unet_params}
     if ctx is not None:
         variables[CONTEXT_KV] = context_key_values(unet, unet_params, ctx)
