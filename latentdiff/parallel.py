@@ -97,7 +97,8 @@ def on_leaves(step, treedef):
     """`step(state, *args) -> (state, out)` as `(leaves, *args) -> (leaves, out)` for a state of
     structure `treedef`: a loop that keeps the state's leaves in a list between steps spares jit
     flattening the nested state on every call and building it again from the outputs (CPU, the
-    txt2img UNet's no-EMA state of 2,061 arrays: 7.1-7.4 -> 5.6-5.7 ms of host time per call)."""
+    txt2img UNet's no-EMA state of 2,061 arrays: 7.1-7.4 -> 5.6-5.7 ms of host time per call; H200,
+    its step waited for: 0.1077 -> 0.1060 s)."""
     def flat(leaves, *args):
         new, out = step(jax.tree_util.tree_unflatten(treedef, leaves), *args)
         return jax.tree_util.tree_leaves(new), out
