@@ -179,6 +179,7 @@ def train_ldm_case(name, batch, args, use_ema=True):
         data["context"] = jax.random.normal(keys[1], (batch, 77, ucfg.context_dim), jnp.float32)
     else:
         data["class_label"] = jax.random.randint(keys[1], (batch,), 0, 1000)
+    params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     treedef = jax.tree_util.tree_structure(state)
     step = jax.jit(parallel.on_leaves(lambda s, b, r: ldm_step.train_step(task, tx, 1, s, {"vae": None}, b, r),
                                       treedef), donate_argnums=(0,), compiler_options=COMPILER_OPTIONS)
@@ -202,7 +203,6 @@ def train_ldm_case(name, batch, args, use_ema=True):
     jax.block_until_ready(metrics["loss"])
     pipelined = (time.perf_counter() - t0) / args.reps
     flops = _flops(lowered)
-    params = sum(x.size for x in jax.tree_util.tree_leaves(jax.tree_util.tree_unflatten(treedef, holder[0]).params))
     return dict(batch=batch, params_M=round(params / 1e6, 1), step_s=round(seconds, 4),
                 img_per_s=round(batch / seconds, 1), pipelined_img_per_s=round(batch / pipelined, 1),
                 xla_memory=xla_memory(compiled), **_mfu(flops, seconds, args, name, batch))

@@ -39,7 +39,8 @@ def packed_small(inner, max_size=2 ** 16):
     much as a large one's: the txt2img UNet's ~400 biases and norm weights took 1.8 ms of its
     8.0 ms AdamW update on an H200. Packed, they are one kernel's work; the step went from
     0.1056-0.1096 to 0.1031-0.1038 s (same lease). For an elementwise optimizer (AdamW, Adam) the
-    updates are the same as `inner`'s."""
+    updates are the same as `inner`'s. (`optax.flatten` packs every leaf: a copy of all the weights,
+    gradients and moments per step.)"""
     def small(x):
         return x.dtype == jnp.float32 and x.size <= max_size
 
