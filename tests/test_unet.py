@@ -104,7 +104,7 @@ def test_context_keys_and_values_projected_once(cond_variant):
     """`context_key_values` (what a sampling loop computes before its steps): given back with the
     parameters, it replaces the k/v projections of every cross-attention layer narrower than the
     widest level (here zeroed, so a layer that still projected would be wrong); the widest layers
-    project theirs, and the output is torch's."""
+    project theirs, and the output is torch's. They are stored for the padded context."""
     model, params, (x, t, ctx, y), ref = cond_variant
     kv = jax.jit(lambda p, c: context_key_values(model, p, c))(params, ctx)
     widest = model.config.model_channels * max(model.config.channel_mult)
@@ -112,6 +112,8 @@ def test_context_keys_and_values_projected_once(cond_variant):
     layers = [a.shape[-1] for path, a in jax.tree_util.tree_leaves_with_path(params) if cross(path, "k")]
     assert len(layers) == 2 * 7 and widest in layers and min(layers) < widest  # 7 sites, 2 layers each
     assert sorted(a.shape[-1] for a in jax.tree.leaves(kv)) == sorted(2 * [w for w in layers if w < widest])
+    padded = -(-ctx.shape[1] // 8) * 8  # stored for the context zero-padded to 8k tokens (masked by length)
+    assert ctx.shape[1] % 8 and {a.shape[1] for a in jax.tree.leaves(kv)} == {padded}
     hoisted = lambda path, a: cross(path, "kv") and a.shape[-1] < widest  # noqa: E731
     dropped = jax.tree_util.tree_map_with_path(lambda path, a: jnp.zeros_like(a) if hoisted(path, a) else a, params)
     assert "context_kv" not in jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, ctx, y))  # init stores none
@@ -389,8 +391,9 @@ def test_geglu_and_its_gradient_match_torch():
 
 @pytest.mark.parametrize("silu", [False, True])
 def test_norms_and_their_gradients_match_torch(silu):
-    """group_norm (+ SiLU) and layer_norm, values and gradients for x, scale and bias, against
-    torch's (fp32); in bf16 their backward keeps only the bf16 input and per-group statistics."""
+    """group_norm (+ SiLU; with and without its per-(batch, channel) shift) and layer_norm, values
+    and gradients for every input, against torch's (fp32); in bf16 their backward keeps only the
+    bf16 input and per-group statistics."""
     import torch
     from jax._src.ad_checkpoint import saved_residuals
 
@@ -399,25 +402,33 @@ def test_norms_and_their_gradients_match_torch(silu):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((2, 6, 5, 64)) * 3 + 1).astype(np.float32)
     scale, bias = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    shift = (rng.standard_normal((2, 64)) * 2).astype(np.float32)
     cot = rng.standard_normal(x.shape).astype(np.float32)
+    nchw = lambda a: a.permute(0, 3, 1, 2)  # noqa: E731
     cases = {
-        "group": (lambda a, s, b: group_norm(a, s, b, 8, 1e-5, silu, jnp.float32),
-                  lambda a, s, b: torch.nn.functional.group_norm(a.permute(0, 3, 1, 2), 8, s, b, 1e-5)
-                  .permute(0, 2, 3, 1)),
-        "layer": (lambda a, s, b: layer_norm(a, s, b, 1e-5, jnp.float32),
+        "group": ((x, scale, bias), lambda a, s, b: group_norm(a, None, s, b, 8, 1e-5, silu, jnp.float32),
+                  lambda a, s, b: torch.nn.functional.group_norm(nchw(a), 8, s, b, 1e-5).permute(0, 2, 3, 1)),
+        "group+shift": ((x, shift, scale, bias),
+                        lambda a, t, s, b: group_norm(a, t, s, b, 8, 1e-5, silu, jnp.float32),
+                        lambda a, t, s, b: torch.nn.functional.group_norm(
+                            nchw(a + t[:, None, None, :]), 8, s, b, 1e-5).permute(0, 2, 3, 1)),
+        "layer": ((x, scale, bias), lambda a, s, b: layer_norm(a, s, b, 1e-5, jnp.float32),
                   lambda a, s, b: torch.nn.functional.layer_norm(a, (64,), s, b, 1e-5)),
     }
-    for name, (ours, theirs) in cases.items():
-        post = torch.nn.functional.silu if (silu and name == "group") else (lambda v: v)
-        tx, ts, tb = (torch.tensor(v, requires_grad=True) for v in (x, scale, bias))
-        ty = post(theirs(tx, ts, tb))
+    for name, (inputs, ours, theirs) in cases.items():
+        post = torch.nn.functional.silu if (silu and name != "layer") else (lambda v: v)
+        tin = [torch.tensor(v, requires_grad=True) for v in inputs]
+        ty = post(theirs(*tin))
         ty.backward(torch.tensor(cot))
-        y, vjp = jax.vjp(ours, jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias))
+        y, vjp = jax.vjp(ours, *map(jnp.asarray, inputs))
         np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
-        for got, want in zip(vjp(jnp.asarray(cot)), (tx.grad, ts.grad, tb.grad)):
-            np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+        grads = vjp(jnp.asarray(cot))
+        assert len(grads) == len(tin)
+        for got, want in zip(grads, tin):
+            np.testing.assert_allclose(np.asarray(got), want.grad.numpy(), rtol=1e-4, atol=2e-4, err_msg=name)
         xb = jnp.asarray(x, jnp.bfloat16)
-        res = saved_residuals(lambda a: ours(a, jnp.asarray(scale), jnp.asarray(bias)).astype(jnp.float32).sum(), xb)
+        rest = tuple(map(jnp.asarray, inputs[1:]))
+        res = saved_residuals(lambda a: ours(a, *rest).astype(jnp.float32).sum(), xb)
         big = [(r.dtype, why) for r, why in res if r.size >= x.size]
         assert big == [(jnp.bfloat16, big[0][1])], (name, big)
 

@@ -100,12 +100,15 @@ def _geglu_bwd(h, g):
 geglu.defvjp(_geglu_fwd, _geglu_bwd)
 
 
-def _group_stats(x32, groups, eps):
-    """Per (batch, group) mean and 1/std of x (b, n, c), from per-channel sums over space."""
+def _group_stats(x32, shift, groups, eps):
+    """Per (batch, group) mean and 1/std of x + shift, x (b, n, c) and shift (b, c) or None, from
+    per-channel sums over space (the shift enters the sums, not x)."""
     b, n, c = x32.shape
     count = n * (c // groups)
-    s1 = jnp.sum(x32, axis=1).reshape(b, groups, c // groups).sum(-1)
-    s2 = jnp.sum(jnp.square(x32), axis=1).reshape(b, groups, c // groups).sum(-1)
+    s1, s2 = jnp.sum(x32, axis=1), jnp.sum(jnp.square(x32), axis=1)
+    if shift is not None:
+        s1, s2 = s1 + n * shift, s2 + shift * (2.0 * s1 + n * shift)
+    s1, s2 = (s.reshape(b, groups, c // groups).sum(-1) for s in (s1, s2))
     mean = s1 / count
     var = jnp.maximum(s2 / count - jnp.square(mean), 0.0)
     return mean, jax.lax.rsqrt(var + eps)
@@ -116,48 +119,64 @@ def _per_channel(v, c):
     return jnp.repeat(v, c // v.shape[1], axis=1)[:, None, :]
 
 
-def _group_norm_core(x, scale, bias, groups, eps, silu, dtype):
+def _shift32(shift, x):
+    """The optional per-(batch, channel) shift as float32 (b, c)."""
+    return None if shift is None else shift.astype(jnp.float32).reshape(x.shape[0], x.shape[-1])
+
+
+def _group_norm_core(x, shift, scale, bias, groups, eps, silu, dtype):
     x32 = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
-    mean, rstd = _group_stats(x32, groups, eps)
+    t = _shift32(shift, x)
+    mean, rstd = _group_stats(x32, t, groups, eps)
     c = x.shape[-1]
     a = _per_channel(rstd, c) * scale
-    z = x32 * a + (bias - _per_channel(mean, c) * a)
+    offset = bias - _per_channel(mean, c) * a
+    if t is not None:
+        offset = offset + t[:, None, :] * a
+    z = x32 * a + offset
     y = z * jax.nn.sigmoid(z) if silu else z
     return y.reshape(x.shape).astype(dtype), (mean, rstd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def group_norm(x, scale, bias, groups, eps, silu, dtype):
-    """GroupNorm of x (b, ..., c) in float32 with float32 `scale`, `bias` (c,), then SiLU if
-    `silu`, returned in `dtype`. The statistics are per-channel sums over space (one read of x,
-    no transpose of the grouped axes), pooled per group; the normalisation is one per-channel
-    scale and shift that XLA fuses with what follows. Its gradient is recomputed from x and the
-    per-group statistics, so training keeps x (in its own dtype) and nothing in float32."""
-    return _group_norm_core(x, scale, bias, groups, eps, silu, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def group_norm(x, shift, scale, bias, groups, eps, silu, dtype):
+    """GroupNorm of x + shift (x (b, ..., c); shift (b, c), broadcast over space, or None) in
+    float32 with float32 `scale`, `bias` (c,), then SiLU if `silu`, returned in `dtype`. The
+    statistics are per-channel sums over space (one read of x, no transpose of the grouped axes),
+    pooled per group; the normalisation is one per-channel scale and shift that XLA fuses with what
+    follows. The shift (a ResBlock's timestep embedding) enters the sums and the normalisation's
+    offset, so x + shift is never written out: as an addition, XLA fused it into the convolution
+    before as cuDNN's side input, which took the shift broadcast to x's full size. The gradient is
+    recomputed from x and the per-group statistics, so training keeps x (in its own dtype) and
+    nothing in float32."""
+    return _group_norm_core(x, shift, scale, bias, groups, eps, silu, dtype)[0]
 
 
-def _group_norm_fwd(x, scale, bias, groups, eps, silu, dtype):
-    y, (mean, rstd) = _group_norm_core(x, scale, bias, groups, eps, silu, dtype)
-    return y, (x, scale, bias, mean, rstd)
+def _group_norm_fwd(x, shift, scale, bias, groups, eps, silu, dtype):
+    y, (mean, rstd) = _group_norm_core(x, shift, scale, bias, groups, eps, silu, dtype)
+    return y, (x, shift, scale, bias, mean, rstd)
 
 
 def _group_norm_bwd(groups, eps, silu, dtype, res, g):
-    x, scale, bias, mean, rstd = res
+    x, shift, scale, bias, mean, rstd = res
     b, c = x.shape[0], x.shape[-1]
     x32 = x.astype(jnp.float32).reshape(b, -1, c)
+    t = _shift32(shift, x)
+    if t is not None:
+        x32 = x32 + t[:, None, :]
     xhat = (x32 - _per_channel(mean, c)) * _per_channel(rstd, c)
     gz = g.astype(jnp.float32).reshape(b, -1, c)
     if silu:
         z = xhat * scale + bias
         s = jax.nn.sigmoid(z)
         gz = gz * (s * (1.0 + z * (1.0 - s)))
-    sum_g = jnp.sum(gz, axis=1)  # (b, c)
-    sum_gx = jnp.sum(gz * xhat, axis=1)
+    sum_g, sum_gx = jnp.sum(gz, axis=1), jnp.sum(gz * xhat, axis=1)  # (b, c) each
     count = x32.shape[1] * (c // groups)
     m1 = (sum_g * scale).reshape(b, groups, -1).sum(-1) / count  # mean of dL/dxhat per group
     m2 = (sum_gx * scale).reshape(b, groups, -1).sum(-1) / count  # mean of dL/dxhat * xhat
     dx = _per_channel(rstd, c) * (gz * scale - _per_channel(m1, c) - xhat * _per_channel(m2, c))
-    return dx.reshape(x.shape).astype(x.dtype), jnp.sum(sum_gx, axis=0), jnp.sum(sum_g, axis=0)
+    dshift = None if t is None else jnp.sum(dx, axis=1).reshape(shift.shape).astype(shift.dtype)
+    return dx.reshape(x.shape).astype(x.dtype), dshift, jnp.sum(sum_gx, axis=0), jnp.sum(sum_g, axis=0)
 
 
 group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
@@ -179,9 +198,10 @@ class GroupNorm(nn.Module):
     silu: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, shift=None):
+        """GroupNorm of x + shift; `shift` (b, c) or None (see `group_norm`)."""
         scale, bias = _norm_params(self, x.shape[-1])
-        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.silu, self.dtype)
+        return group_norm(x, shift, scale, bias, self.num_groups, self.epsilon, self.silu, self.dtype)
 
 
 def _layer_norm_core(x, scale, bias, eps, dtype):

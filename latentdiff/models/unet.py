@@ -13,7 +13,7 @@ import flax.linen as nn
 from flax import traverse_util
 import jax.numpy as jnp
 
-from latentdiff.models.attention import key_values, multihead
+from latentdiff.models.attention import key_values, multihead, pad_length
 from latentdiff.models.layers import (GroupNorm, LayerNorm, gathering, geglu, avg_pool2, conv, dense,
                                       timestep_embedding, upsample_nearest)
 
@@ -401,12 +401,12 @@ class ResBlock(nn.Module):
             h, x = avg_pool2(h), avg_pool2(x)
         h = conv(self.out_channels, name="conv1", **kw)(h)
         width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        e = dense(width, name="time_emb_proj", **kw)(nn.silu(emb))[:, None, None, :]
+        e = dense(width, name="time_emb_proj", **kw)(nn.silu(emb))
         if self.use_scale_shift_norm:
-            scale, shift = jnp.split(e, 2, axis=-1)
+            scale, shift = jnp.split(e[:, None, None, :], 2, axis=-1)
             h = nn.silu(GroupNorm(name="norm2", **gn)(h) * (1 + scale) + shift)
         else:
-            h = GroupNorm(name="norm2", silu=True, **gn)(h + e)
+            h = GroupNorm(name="norm2", silu=True, **gn)(h, shift=e)
         h = conv(self.out_channels, name="conv2", zero_init=True, **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, padding=0, name="conv_shortcut", **kw)(x)
@@ -442,7 +442,11 @@ class CrossAttention(nn.Module):
 
     With a context, its keys and values come from the `context_kv` collection when the variables
     hold it (`context_key_values`), and are stored there when the collection is mutable (not in
-    `init`)."""
+    `init`). The context is zero-padded to a multiple of 8 tokens (text's 77 to 80) before its
+    keys and values are projected, the padding masked out by length: cuDNN's attention takes no
+    other lengths, and this way every layer's pad is one and the same (XLA computes it once)
+    and a sampling loop's cached keys and values are stored padded, instead of each layer padding
+    its keys and values on every step."""
 
     heads: int
     head_dim: int
@@ -452,13 +456,16 @@ class CrossAttention(nn.Module):
     @nn.compact
     def __call__(self, x, context=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        kv = None
+        kv, length = None, None
+        if context is not None:
+            length, context = context.shape[1], pad_length(context)
         if context is not None and self.has_variable(CONTEXT_KV, "kv"):
             kv = self.get_variable(CONTEXT_KV, "kv")
         elif context is not None and self.is_mutable_collection(CONTEXT_KV) and not self.is_initializing():
             kv = key_values(context, self.heads * self.head_dim, **kw)
             self.put_variable(CONTEXT_KV, "kv", kv)
-        return multihead(x, context, self.heads, self.head_dim, qkv_bias=False, zero_out=False, kv=kv, **kw)
+        return multihead(x, context, self.heads, self.head_dim, qkv_bias=False, zero_out=False, kv=kv,
+                         kv_length=length, **kw)
 
 
 class GEGLU(nn.Module):
