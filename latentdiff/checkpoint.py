@@ -28,23 +28,30 @@ class Checkpointer:
                                   meta=ocp.args.JsonSave(meta or {}))
         return self.manager.save(int(step), args=args, force=force)
 
-    def restore(self, abstract_state):
-        """Newest readable checkpoint, or None when there is none at all."""
+    def restore(self, abstract_state, legacy=None):
+        """Newest readable checkpoint as (state, data state, step), or None when there is none at all.
+
+        `legacy`: (abstract state of an older layout, function from it to the current state), tried
+        on each checkpoint that the current layout cannot read."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             return None
+        layouts = [(abstract_state, None)] + ([tuple(legacy)] if legacy is not None else [])
         errors = []
         for step in steps:
-            try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore()))
-            except Exception as e:  # noqa: BLE001 - try the previous one, report all at the end
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
-                warnings.warn(f"checkpoint at step {step} in {self.directory} could not be restored "
-                              f"({type(e).__name__}); trying the previous one")
-                continue
-            return out["state"], out["data"], step
+            failures = []
+            for target, convert in layouts:
+                try:
+                    out = self.manager.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
+                        meta=ocp.args.JsonRestore()))
+                except Exception as e:  # noqa: BLE001 - try the next layout / step, report all at the end
+                    failures.append(f"{type(e).__name__}: {e}")
+                    continue
+                return (out["state"] if convert is None else convert(out["state"])), out["data"], step
+            errors.append(f"step {step}: " + "\n  as an older layout: ".join(failures))
+            warnings.warn(f"checkpoint at step {step} in {self.directory} could not be restored "
+                          f"({failures[0].split(':')[0]}); trying the previous one")
         raise RuntimeError(f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(errors))
 
     def wait(self):

@@ -41,3 +41,60 @@ def test_make_optimizer_packs_the_small_weights():
     state = make_optimizer(optim, 10).init({"w": jnp.ones((300, 300)), "b": jnp.ones((300,)), "g": jnp.ones((300,))})
     vec, big = state[0].mu
     assert vec.shape == (600,) and [x.shape for x in big] == [(300, 300)]
+
+
+def _optim():
+    return ml_collections.ConfigDict(dict(lr=1e-2, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0,
+                                          schedule="constant", grad_clip=1.0))
+
+
+def test_checkpoints_from_before_the_packing_resume_repacked(tmp_path):
+    """A train state saved with the optimizer layout from before `packed_small` (moments shaped
+    like the weights) resumes through `loop.resume`'s fallback: repacked, it continues exactly as
+    a packed run from the same start; without the fallback the restore fails, saying why."""
+    import pytest
+
+    from latentdiff import parallel
+    from latentdiff.checkpoint import Checkpointer
+    from latentdiff.training import loop
+    from latentdiff.training.state import TrainState
+
+    params = _tree()
+    config = ml_collections.ConfigDict(dict(optim=_optim(), train=dict(steps=10), mesh=dict(fsdp_min_size=2 ** 16)))
+    old_tx, new_tx = make_optimizer(config.optim, 10, pack=False), make_optimizer(config.optim, 10)
+    grads = [jax.tree_util.tree_map(lambda x, i=i: jax.random.normal(jax.random.key(i), x.shape).astype(x.dtype),
+                                    params) for i in range(3)]
+
+    def run(tx, state, p, gs):
+        for g in gs:
+            u, state = tx.update(g, state, p)
+            p = optax.apply_updates(p, u)
+        return state, p
+
+    old_state, old_params = run(old_tx, old_tx.init(params), params, grads[:2])
+    ckpt = Checkpointer(tmp_path / "checkpoints", async_save=False)
+    ckpt.save(2, TrainState(step=jnp.asarray(2), params=old_params, ema={}, opt_state=old_state,
+                            scale_factor=jnp.asarray(1.0)), {"epoch": 0})
+    ckpt.wait()
+
+    mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
+    abstract = jax.eval_shape(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, ema={},
+                                                   opt_state=new_tx.init(p), scale_factor=jnp.zeros(())), params)
+    shardings = parallel.tree_shardings(abstract, mesh)
+
+    class Loader:
+        def set_state(self, s):
+            self.state = s
+
+    with pytest.raises(RuntimeError, match="could be restored"):
+        loop.resume(ckpt, abstract, shardings, Loader(), str(tmp_path))
+    loader = Loader()
+    state = loop.resume(ckpt, abstract, shardings, loader, str(tmp_path),
+                        legacy=loop.unpacked_layout(abstract, config, mesh))
+    assert loader.state == {"epoch": 0} and int(state.step) == 2
+    assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(abstract.opt_state)
+    # one more step from the repacked state = the packed optimizer's third step from the same start
+    want_state, want_params = run(new_tx, new_tx.init(params), params, grads)
+    got_state, got_params = run(new_tx, state.opt_state, state.params, grads[2:])
+    for a, b in zip(jax.tree_util.tree_leaves((got_state, got_params)), jax.tree_util.tree_leaves((want_state, want_params))):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-7)

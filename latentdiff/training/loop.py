@@ -21,7 +21,7 @@ from latentdiff.convert import loaders
 from latentdiff.data import make_dataset
 from latentdiff.runtime import COMPILER_OPTIONS
 from latentdiff.training import ldm_step
-from latentdiff.training.state import TrainState, make_optimizer
+from latentdiff.training.state import TrainState, make_optimizer, repack_state
 
 DATA_KEYS = {"folder": ("root", "captions", "labels_from_dirs"), "array_record": ("path",),
              "tfds": ("name", "split", "data_dir"), "shapes": ("num_examples", "split")}
@@ -118,17 +118,33 @@ def latent_cache(workdir, config, task, frozen, loader, mesh):
     return CachedLoader(dict(np.load(path)), loader.batch_size, config.seed)
 
 
-def resume(ckpt, abstract, shardings, loader, workdir):
+def _targets(abstract, shardings):
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def resume(ckpt, abstract, shardings, loader, workdir, legacy=None):
     """Restore the newest checkpoint straight into its shardings and the loader's position;
-    None when the run is new."""
-    restored = ckpt.restore(jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings))
+    None when the run is new. `legacy`: (abstract state, its shardings, function to the current
+    state) of an older checkpoint layout, tried where the current one does not read."""
+    if legacy is not None:
+        old, old_shardings, convert = legacy
+        legacy = (_targets(old, old_shardings), jax.jit(convert, out_shardings=shardings))
+    restored = ckpt.restore(_targets(abstract, shardings), legacy=legacy)
     if restored is None:
         return None
     state, data_state, step = restored
     loader.set_state(data_state)
     print(f"resumed from step {step} in {workdir}")
     return state
+
+
+def unpacked_layout(abstract, config, mesh):
+    """The layout of LDM checkpoints written before `packed_small` (2026-11-30): (abstract state,
+    shardings, function to the current layout), for `resume`'s `legacy`."""
+    tx = make_optimizer(config.optim, config.train.steps, pack=False)
+    old = abstract.replace(opt_state=jax.eval_shape(tx.init, abstract.params))
+    return (old, parallel.tree_shardings(old, mesh, config.mesh.fsdp_min_size),
+            lambda s: s.replace(opt_state=repack_state(s.opt_state, s.params)))
 
 
 def _host_batch(batch, tokenizer, max_length):
@@ -200,7 +216,7 @@ def train_ldm(config, workdir):
     if config.data.cache_latents:
         loader = latent_cache(workdir, config, task, frozen, loader, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.train.max_to_keep)
-    state = resume(ckpt, abstract, state_sharding, loader, workdir)
+    state = resume(ckpt, abstract, state_sharding, loader, workdir, legacy=unpacked_layout(abstract, config, mesh))
     if state is None:
         state = init_train_state(init_params, make_state, rng, state_sharding)
         if config.model.scale_by_std:

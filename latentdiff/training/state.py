@@ -31,7 +31,22 @@ def learning_rate(optim, total_steps):
     return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warm), after], [warm])
 
 
-def packed_small(inner, max_size=2 ** 16):
+PACK_MAX = 2 ** 16  # the largest float32 leaf `packed_small` packs
+
+
+def _small(x, max_size):
+    return x.dtype == jnp.float32 and x.size <= max_size
+
+
+def _pack(tree, max_size):
+    """(one float32 vector of the small leaves, the list of the other leaves), in tree order."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    vec = [jnp.ravel(x) for x in leaves if _small(x, max_size)]
+    return (jnp.concatenate(vec) if vec else jnp.zeros((0,), jnp.float32),
+            [x for x in leaves if not _small(x, max_size)])
+
+
+def packed_small(inner, max_size=PACK_MAX):
     """`inner` run on the float32 leaves of at most `max_size` elements joined into one vector (its
     state kept for that vector), and on the other leaves as they are.
 
@@ -41,19 +56,14 @@ def packed_small(inner, max_size=2 ** 16):
     0.1056-0.1096 to 0.1031-0.1038 s (same lease). For an elementwise optimizer (AdamW, Adam) the
     updates are the same as `inner`'s. (`optax.flatten` packs every leaf: a copy of all the weights,
     gradients and moments per step.)"""
-    def small(x):
-        return x.dtype == jnp.float32 and x.size <= max_size
-
     def pack(tree):
-        leaves = jax.tree_util.tree_leaves(tree)
-        vec = [jnp.ravel(x) for x in leaves if small(x)]
-        return jnp.concatenate(vec) if vec else jnp.zeros((0,), jnp.float32), [x for x in leaves if not small(x)]
+        return _pack(tree, max_size)
 
     def unpack(packed, like):
         (vec, big), (leaves, treedef) = packed, jax.tree_util.tree_flatten(like)
         out, big, offset = [], iter(big), 0
         for x in leaves:
-            if small(x):
+            if _small(x, max_size):
                 out.append(vec[offset:offset + x.size].reshape(x.shape))
                 offset += x.size
             else:
@@ -67,11 +77,27 @@ def packed_small(inner, max_size=2 ** 16):
     return optax.GradientTransformation(lambda params: inner.init(pack(params)), update)
 
 
-def make_optimizer(optim, total_steps):
+def repack_state(opt_state, params, max_size=PACK_MAX):
+    """An optimizer state in the layout from before `packed_small` (its moments shaped like
+    `params`), in `packed_small`'s layout: every part that mirrors params is packed as params are.
+    Checkpoints written before 2026-11-30 resume through it (`make_optimizer(..., pack=False)`
+    describes their layout)."""
+    treedef = jax.tree_util.tree_structure(params)
+
+    def mirrors(x):
+        return jax.tree_util.tree_structure(x) == treedef
+
+    return jax.tree_util.tree_map(lambda x: _pack(x, max_size) if mirrors(x) else x, opt_state, is_leaf=mirrors)
+
+
+def make_optimizer(optim, total_steps, pack=True):
     """AdamW (torch defaults as the paper: wd 0.01) with optional global-norm clipping; small
-    weights updated together (`packed_small`)."""
-    tx = packed_small(optax.adamw(learning_rate(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                                  weight_decay=optim.weight_decay))
+    weights updated together (`packed_small`). `pack=False`: without the packing, the optimizer
+    state's layout of checkpoints written before it (see `repack_state`)."""
+    tx = optax.adamw(learning_rate(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                     weight_decay=optim.weight_decay)
+    if pack:
+        tx = packed_small(tx)
     if optim.grad_clip > 0:
         tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
     return tx
