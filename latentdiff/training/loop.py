@@ -119,6 +119,7 @@ def latent_cache(workdir, config, task, frozen, loader, mesh):
 
 
 def _targets(abstract, shardings):
+    """The restore target: each abstract array with its sharding."""
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
