@@ -48,7 +48,10 @@ class Checkpointer:
                 except Exception as e:  # noqa: BLE001 - try the next layout / step, report all at the end
                     failures.append(f"{type(e).__name__}: {e}")
                     continue
-                return (out["state"] if convert is None else convert(out["state"])), out["data"], step
+                if convert is None:
+                    return out["state"], out["data"], step
+                print(f"checkpoint at step {step} in {self.directory} has an older layout: converted")
+                return convert(out["state"]), out["data"], step
             errors.append(f"step {step}: " + "\n  as an older layout: ".join(failures))
             warnings.warn(f"checkpoint at step {step} in {self.directory} could not be restored "
                           f"({failures[0].split(':')[0]}); trying the previous one")

@@ -48,7 +48,7 @@ def _optim():
                                           schedule="constant", grad_clip=1.0))
 
 
-def test_checkpoints_from_before_the_packing_resume_repacked(tmp_path):
+def test_checkpoints_from_before_the_packing_resume_repacked(tmp_path, capsys):
     """A train state saved with the optimizer layout from before `packed_small` (moments shaped
     like the weights) resumes through `loop.resume`'s fallback: repacked, it continues exactly as
     a packed run from the same start; without the fallback the restore fails, saying why."""
@@ -92,6 +92,7 @@ def test_checkpoints_from_before_the_packing_resume_repacked(tmp_path):
     state = loop.resume(ckpt, abstract, shardings, loader, str(tmp_path),
                         legacy=loop.unpacked_layout(abstract, config, mesh))
     assert loader.state == {"epoch": 0} and int(state.step) == 2
+    assert "has an older layout: converted" in capsys.readouterr().out
     assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(abstract.opt_state)
     # one more step from the repacked state = the packed optimizer's third step from the same start
     want_state, want_params = run(new_tx, new_tx.init(params), params, grads)
