@@ -67,16 +67,16 @@ def test_kernel_profile_sums_device_kernels_by_kind(tmp_path):
             dict(ph="M", name="process_name", pid=2, args=dict(name="/host:CPU"))]
     kernels = [("sm90_xmma_fprop_implicit_gemm_bf16", 0, 100), ("nvjet_sm90_tst_128x128", 50, 100),
                ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 300, 40), ("input_reduce_fusion_3", 400, 10),
-               ("loop_multiply_fusion_28", 410, 30), ("loop_multiply_fusion_28", 500, 30)]
+               ("loop_multiply_fusion_28", 410, 30), ("loop_multiply_fusion_28", 500, 30), ("loop_add_fusion", 530, 2)]
     events = meta + [dict(ph="X", pid=1, tid=7, name=n, ts=t, dur=d) for n, t, d in kernels]
     events.append(dict(ph="X", pid=2, tid=1, name="PjitFunction", ts=0, dur=5000))  # host: not counted
     path = tmp_path / "x.trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     got = kernel_profile.summarize(str(path), top=2)
-    assert got["kernels"] == 6 and got["kernel_ms"] == 0.31
-    assert got["busy_ms"] == 0.26 and got["window_ms"] == 0.53  # 0-150 overlapped, 300-340, 400-440, 500-530
-    assert got["by_kind"] == {"convolution": 0.1, "matmul": 0.1, "elementwise/other": 0.06, "attention": 0.04,
+    assert got["kernels"] == 7 and got["kernel_ms"] == 0.312 and got["small"] == dict(kernels=1, ms=0.002)
+    assert got["busy_ms"] == 0.262 and got["window_ms"] == 0.532  # 0-150 overlapped, 300-340, 400-440, 500-532
+    assert got["by_kind"] == {"convolution": 0.1, "matmul": 0.1, "elementwise/other": 0.062, "attention": 0.04,
                               "reduction": 0.01}
     assert got["top"][0] == dict(name="sm90_xmma_fprop_implicit_gemm_bf16", ms=0.1, calls=1)
 
