@@ -36,7 +36,7 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             return None
-        layouts = [(abstract_state, None)] + ([tuple(legacy)] if legacy is not None else [])
+        layouts = [(abstract_state, None)] + ([legacy] if legacy is not None else [])
         errors = []
         for step in steps:
             failures = []
@@ -46,15 +46,16 @@ class Checkpointer:
                         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
                         meta=ocp.args.JsonRestore()))
                 except Exception as e:  # noqa: BLE001 - try the next layout / step, report all at the end
-                    failures.append(f"{type(e).__name__}: {e}")
+                    failures.append(e)
                     continue
                 if convert is None:
                     return out["state"], out["data"], step
                 print(f"checkpoint at step {step} in {self.directory} has an older layout: converted")
                 return convert(out["state"]), out["data"], step
-            errors.append(f"step {step}: " + "\n  as an older layout: ".join(failures))
+            why = [f"{type(e).__name__}: {e}" for e in failures]
+            errors.append(f"step {step}: " + "\n  as an older layout: ".join(why))
             warnings.warn(f"checkpoint at step {step} in {self.directory} could not be restored "
-                          f"({failures[0].split(':')[0]}); trying the previous one")
+                          f"({type(failures[0]).__name__}); trying the previous one")
         raise RuntimeError(f"no checkpoint in {self.directory} could be restored:\n" + "\n".join(errors))
 
     def wait(self):

@@ -13,6 +13,7 @@ from latentdiff.models.layers import dense
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 256
+LENGTH_MULTIPLE = 8  # cuDNN's attention takes lengths that this divides (with a mask, in training)
 
 
 def _cudnn_ok(q):
@@ -20,7 +21,7 @@ def _cudnn_ok(q):
             and q.shape[-1] <= _CUDNN_MAX_HEAD_DIM and q.shape[-1] % 8 == 0)
 
 
-def pad_length(x, multiple=8):
+def pad_length(x, multiple=LENGTH_MULTIPLE):
     """x zero-padded along axis 1 to a multiple of `multiple`."""
     extra = -x.shape[1] % multiple
     return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2)) if extra else x
@@ -33,7 +34,7 @@ def _key_lengths(k, kv_length):
     return jnp.full((k.shape[0],), kv_length, jnp.int32)
 
 
-def pad_lengths(q, k, v, multiple=8, kv_length=None):
+def pad_lengths(q, k, v, multiple=LENGTH_MULTIPLE, kv_length=None):
     """q, k, v zero-padded along their lengths to a multiple of `multiple`, with the true key length
     per batch row (int32) for the attention's padding mask, None if all keys count. `kv_length`:
     the keys beyond it are padding already. Padded queries attend like the others; their rows of

@@ -56,9 +56,6 @@ def packed_small(inner, max_size=PACK_MAX):
     0.1056-0.1096 to 0.1031-0.1038 s (same lease). For an elementwise optimizer (AdamW, Adam) the
     updates are the same as `inner`'s. (`optax.flatten` packs every leaf: a copy of all the weights,
     gradients and moments per step.)"""
-    def pack(tree):
-        return _pack(tree, max_size)
-
     def unpack(packed, like):
         (vec, big), (leaves, treedef) = packed, jax.tree_util.tree_flatten(like)
         out, big, offset = [], iter(big), 0
@@ -71,10 +68,10 @@ def packed_small(inner, max_size=PACK_MAX):
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def update(updates, state, params=None):
-        new, state = inner.update(pack(updates), state, None if params is None else pack(params))
+        new, state = inner.update(_pack(updates, max_size), state, None if params is None else _pack(params, max_size))
         return unpack(new, updates), state
 
-    return optax.GradientTransformation(lambda params: inner.init(pack(params)), update)
+    return optax.GradientTransformation(lambda params: inner.init(_pack(params, max_size)), update)
 
 
 def repack_state(opt_state, params, max_size=PACK_MAX):
