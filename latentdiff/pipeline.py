@@ -249,6 +249,8 @@ def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
     """The sampler's model_fn(x, t): the UNet with classifier-free guidance, unconditional and
     conditional rows in one batch (`ctx` holds the unconditional rows first) combined as
     u + scale * (c - u); with `guidance_scale` None, the UNet once. `concat`: channels appended to x.
+    With a context, x enters the UNet once for both contexts: the rows part ways at the first
+    cross-attention (see `UNet`).
     The context's keys and values are projected once, here, for all but the widest layers
     (`unet.context_key_values`)."""
     variables = {"params": unet_params}
@@ -257,9 +259,12 @@ def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
 
     def model_fn(x, t):
         xin = x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], -1)
-        if guidance_scale is None:
-            return unet.apply(variables, xin, t, ctx).astype(jnp.float32)
-        out = unet.apply(variables, jnp.concatenate([xin, xin]), jnp.concatenate([t, t]), ctx).astype(jnp.float32)
+        if guidance_scale is None or ctx is not None:  # with a context, the UNet shares x (see `UNet`)
+            out = unet.apply(variables, xin, t, ctx).astype(jnp.float32)
+            if guidance_scale is None:
+                return out
+        else:
+            out = unet.apply(variables, jnp.concatenate([xin, xin]), jnp.concatenate([t, t]), ctx).astype(jnp.float32)
         out_u, out_c = jnp.split(out, 2)
         return out_u + guidance_scale * (out_c - out_u)
 

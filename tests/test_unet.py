@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from latentdiff.models.unet import CONTEXT_KV, UNet, UNetConfig, context_key_values
 from tests.torch_utils import flax_params_from_torch, nchw, nhwc, rel_err
@@ -471,3 +472,25 @@ def test_fsdp_gather_in_every_layer_and_none_kept_by_checkpointed_blocks(cond_ld
     assert kept_bf16_bytes(up_front) > 0.8 * weights  # the gathered weights kept for the backward pass
     assert kept_bf16_bytes(per_layer) < 0.2 * weights  # the layers outside the blocks only
     np.testing.assert_allclose(float(jax.jit(per_layer)(params)), float(jax.jit(up_front)(params)), rtol=1e-6)
+
+
+def test_rows_shared_by_several_contexts_run_once_before_the_cross_attention(cond_ldm):
+    """x of B rows with a context of 2B rows (guidance: the unconditional and the conditional
+    context) gives what x and t repeated give, and the layers before the first cross-attention
+    run on the B rows alone."""
+    cfg, params, (x, t, ctx), _ = cond_ldm
+    model = UNet(cfg)
+    b = x.shape[0]
+    ctx2 = np.concatenate([ctx, 0.5 * ctx[::-1]])
+    shared, state = model.apply({"params": params}, x, t, ctx2, capture_intermediates=True,
+                                mutable=["params", "intermediates"])  # params: as context_key_values
+    full = model.apply({"params": params}, np.concatenate([x, x]), np.concatenate([t, t]), ctx2)
+    np.testing.assert_allclose(np.asarray(shared), np.asarray(full), rtol=1e-5, atol=1e-5)
+    rows = {"/".join(k): jax.tree.leaves(v)[0].shape[0] for k, v in traverse_util.flatten_dict(state["intermediates"]).items()
+            if k[-1] == "__call__"}
+    first = "down_blocks_0/attentions_0/transformer_blocks_0"
+    assert rows["conv_in/__call__"] == rows["down_blocks_0/resnets_0/__call__"] == b
+    assert rows[f"{first}/attn1/__call__"] == b and rows[f"{first}/attn2/__call__"] == 2 * b
+    assert rows["conv_out/__call__"] == 2 * b
+    with pytest.raises(ValueError, match="k \\* 2 rows"):
+        model.apply({"params": params}, x, t, ctx2[:3])

@@ -379,6 +379,16 @@ def _diffusers_unet2d_kwargs(c):
 # Blocks
 # --------------------------------------------------------------------------------------------
 
+def widen(a, rows):
+    """a (B, ...) repeated along the batch to `rows` (k * B) rows, [a, a, ...]: where the UNet's
+    rows meet k contexts each (see `UNet`). Unchanged when it has `rows` already."""
+    if a.shape[0] == rows:
+        return a
+    if rows % a.shape[0]:
+        raise ValueError(f"cannot widen {a.shape[0]} rows to {rows}")
+    return jnp.tile(a, (rows // a.shape[0],) + (1,) * (a.ndim - 1))
+
+
 class ResBlock(nn.Module):
     """openaimodel ResBlock (diffusers ResnetBlock2D), optionally resampling ('up'/'down')."""
 
@@ -394,6 +404,7 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         gn = dict(num_groups=self.norm_num_groups, epsilon=self.norm_eps, **kw)
+        emb = widen(emb, x.shape[0])
         h = GroupNorm(name="norm1", silu=True, **gn)(x)
         if self.resample == "up":
             h, x = upsample_nearest(h), upsample_nearest(x)
@@ -508,6 +519,8 @@ class TransformerBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, **kw)
         x = x + CrossAttention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x))
+        if context is not None:  # the rows part ways here when they meet several contexts each
+            x = widen(x, context.shape[0])
         x = x + CrossAttention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context)
         return x + FeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
 
@@ -536,11 +549,12 @@ class SpatialTransformer(nn.Module):
         for k in range(self.depth):
             h = TransformerBlock(self.heads, self.head_dim, name=f"transformer_blocks_{k}",
                                  **kw)(h, context)
+        x = widen(x, h.shape[0])
         if self.use_linear_projection:
             h = dense(c, name="proj_out", zero_init=True, **kw)(h).reshape(x.shape)
         else:
             h = conv(c, 1, padding=0, name="proj_out", zero_init=True,
-                     **kw)(h.reshape(b, hh, ww, inner))
+                     **kw)(h.reshape(x.shape[:3] + (inner,)))
         return x + h
 
 
@@ -647,7 +661,7 @@ class UpBlock(_LevelBlock):
         ch = cfg.level_channels(self.level)
         skips = list(skips)
         for j in range(cfg.num_res_blocks + 1):
-            x = jnp.concatenate([x, skips.pop()], axis=-1)
+            x = jnp.concatenate([x, widen(skips.pop(), x.shape[0])], axis=-1)
             x = self.res(f"resnets_{j}", ch)(x, emb)
             if cfg.has_attention(self.level):
                 x = self.attn(f"attentions_{j}", ch)(x, context)
@@ -678,6 +692,11 @@ class UNet(nn.Module):
     """The LDM UNet: `(x NHWC, t (B,), context (B,L,D)?, y (B,)?) -> (B,H,W,out_channels)`.
 
     Returns float32 (the output head always runs in float32). H and W must be divisible by 2**(levels-1).
+
+    The context may hold k contexts for each row of x, (k * B, L, D), its rows i * B + j meeting
+    x[j] (classifier-free guidance: x once, the unconditional and the conditional context): the
+    output has k * B rows, as for x, t repeated k times, but everything before the first
+    cross-attention (the input conv, the first ResBlocks, the first self-attention) runs once.
     """
 
     gathers_params = True  # FSDP: each layer gathers its own weights (layers.gathering)
@@ -719,6 +738,8 @@ class UNet(nn.Module):
         for i, level in enumerate(reversed(range(cfg.levels))):
             h = UpBlock(cfg, level, name=f"up_blocks_{i}", **kw)(h, skips[-n:], emb, context)
             skips = skips[:-n]
+        if context is not None:  # a UNet whose cross-attention never came
+            h = widen(h, context.shape[0])
         # The output head runs in float32: guidance amplifies rounding of eps by ~2*scale.
         f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)
         h = gathering(GroupNorm)(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", silu=True,
@@ -734,9 +755,9 @@ class UNet(nn.Module):
         if context is None:
             raise ValueError(f"this UNet cross-attends: pass context (B, L, {cfg.context_dim})")
         context = jnp.asarray(context, self.dtype)
-        if context.ndim != 3 or context.shape[-1] != cfg.context_dim or context.shape[0] != batch:
-            raise ValueError(f"context must be ({batch}, L, {cfg.context_dim}), "
-                             f"got {context.shape}")
+        if context.ndim != 3 or context.shape[-1] != cfg.context_dim or context.shape[0] % batch:
+            raise ValueError(f"context must be ({batch}, L, {cfg.context_dim}) or k * {batch} rows of "
+                             f"it (shared x), got {context.shape}")
         return context
 
 
