@@ -475,16 +475,16 @@ def test_fsdp_gather_in_every_layer_and_none_kept_by_checkpointed_blocks(cond_ld
 
 
 def test_rows_shared_by_several_contexts_run_once_before_the_cross_attention(cond_ldm):
-    """x of B rows with a context of 2B rows (guidance: the unconditional and the conditional
-    context) gives what x and t repeated give, and the layers before the first cross-attention
-    run on the B rows alone."""
+    """x of B rows with a context of 2B rows (guidance: each row's unconditional and conditional
+    context side by side) gives what each row of x and t repeated in place gives, and the layers
+    before the first cross-attention run on the B rows alone."""
     cfg, params, (x, t, ctx), _ = cond_ldm
     model = UNet(cfg)
     b = x.shape[0]
     ctx2 = np.concatenate([ctx, 0.5 * ctx[::-1]])
     shared, state = model.apply({"params": params}, x, t, ctx2, capture_intermediates=True,
                                 mutable=["params", "intermediates"])  # params: as context_key_values
-    full = model.apply({"params": params}, np.concatenate([x, x]), np.concatenate([t, t]), ctx2)
+    full = model.apply({"params": params}, np.repeat(x, 2, axis=0), np.repeat(t, 2), ctx2)
     np.testing.assert_allclose(np.asarray(shared), np.asarray(full), rtol=1e-5, atol=1e-5)
     rows = {"/".join(k): jax.tree.leaves(v)[0].shape[0] for k, v in traverse_util.flatten_dict(state["intermediates"]).items()
             if k[-1] == "__call__"}
@@ -494,3 +494,39 @@ def test_rows_shared_by_several_contexts_run_once_before_the_cross_attention(con
     assert rows["conv_out/__call__"] == 2 * b
     with pytest.raises(ValueError, match="k \\* 2 rows"):
         model.apply({"params": params}, x, t, ctx2[:3])
+
+
+SHARDED_GUIDANCE = """
+import re, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path[:0] = ["benchmarks"]
+import bench
+from latentdiff.pipeline import guided_model_fn
+spec = bench._txt2img_spec(True, jnp.float32)
+unet, b = spec["unet"], 8
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+put = lambda a, *spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+params = put(bench._random_params(True, jnp.float32)["unet"])
+x = put(jnp.ones((b, 8, 8, unet.config.in_channels)), "batch")
+u, c = (put(jnp.full((b, 7, unet.config.context_dim), v), "batch") for v in (0.0, 1.0))
+step = jax.jit(lambda p, u, c, x: guided_model_fn(unet, p, jnp.concatenate([u, c]), 6.0)(x, jnp.full((b,), 10)))
+text = step.lower(params, u, c, x).compile().as_text()
+print(len(jax.devices()), re.findall(r"(all-gather|all-reduce|collective-permute|all-to-all|reduce-scatter)", text))
+"""
+
+
+def test_guidance_over_devices_moves_nothing_between_them():
+    """Guided sampling with the batch split over 4 devices (as the pipeline splits it): each row's
+    contexts sit beside it, so x, once for both contexts, never leaves its device (with the rows of
+    [x, x] against [unconditional; conditional], the activations were gathered at the first
+    cross-attention)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", SHARDED_GUIDANCE], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "4 []", out.stdout

@@ -380,13 +380,14 @@ def _diffusers_unet2d_kwargs(c):
 # --------------------------------------------------------------------------------------------
 
 def widen(a, rows):
-    """a (B, ...) repeated along the batch to `rows` (k * B) rows, [a, a, ...]: where the UNet's
-    rows meet k contexts each (see `UNet`). Unchanged when it has `rows` already."""
+    """a (B, ...) to `rows` (k * B) rows, each row repeated k times in place (rows k*j .. k*j+k-1
+    are a[j]): where the UNet's rows meet their k contexts each (see `UNet`). A batch split over
+    devices keeps each row's copies on its device. Unchanged when it has `rows` already."""
     if a.shape[0] == rows:
         return a
     if rows % a.shape[0]:
         raise ValueError(f"cannot widen {a.shape[0]} rows to {rows}")
-    return jnp.tile(a, (rows // a.shape[0],) + (1,) * (a.ndim - 1))
+    return jnp.repeat(a, rows // a.shape[0], axis=0)
 
 
 class ResBlock(nn.Module):
@@ -693,10 +694,11 @@ class UNet(nn.Module):
 
     Returns float32 (the output head always runs in float32). H and W must be divisible by 2**(levels-1).
 
-    The context may hold k contexts for each row of x, (k * B, L, D), its rows i * B + j meeting
-    x[j] (classifier-free guidance: x once, the unconditional and the conditional context): the
-    output has k * B rows, as for x, t repeated k times, but everything before the first
-    cross-attention (the input conv, the first ResBlocks, the first self-attention) runs once.
+    The context may hold k contexts for each row of x, (k * B, L, D), its rows k * j .. k * j + k - 1
+    meeting x[j] (classifier-free guidance: x once, its unconditional and conditional context): the
+    output has k * B rows, as for each row of x and t repeated k times in place, but everything
+    before the first cross-attention (the input conv, the first ResBlocks, the first self-attention)
+    runs once.
     """
 
     gathers_params = True  # FSDP: each layer gathers its own weights (layers.gathering)
