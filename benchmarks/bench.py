@@ -21,7 +21,7 @@ reference FLOP counts for the full-size UNets and XLA's count otherwise, against
   train_kl_f8     the KL-f8 autoencoder with LPIPS and the PatchGAN (both updates), 256 px, batch 8;
                   beside it `peer_train_kl_f8`, the same step in PyTorch (`peer_models.py`)
   sample_b{1,16,64}  txt2img (LDMBert + UNet + decoder) 50 DDIM steps, guidance 6, one jitted program
-  sample_loop_b16 the UNet's 50 guided DDIM steps alone from a given context, batch 16: the peer's work
+  sample_loop_b{1,16}  the UNet's 50 guided DDIM steps alone from a given context: the peer's work
   bf16_check      bf16 vs fp32 on the same inputs: UNet output and one sampled image (relative error)
   bf16_vs_torch   the same for the txt2img UNet and diffusers' with torch autocast, on the same weights
                   (diffusers' random init) and inputs: how our bf16 error compares with torch's
@@ -43,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CASES = ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
-         "sample_b64", "sample_loop_b16", "bf16_check")
+         "sample_b64", "sample_loop_b1", "sample_loop_b16", "bf16_check")
 # the peer cases that `peer_models.py` (beside this file) runs: its function, model and batch, and our case
 OWN_PEERS = {"peer_train_cin256": ("bench_train", "cin256", 64, "train_cin256"),
              "peer_train_kl_f8": ("bench_train_autoencoder", "kl_f8", 8, "train_kl_f8")}
@@ -561,8 +561,8 @@ def run_case(name, args):
         out = train_autoencoder_case(2 if args.smoke else 8, args)
     elif name.startswith("sample_b"):
         out = sample_case(int(name[len("sample_b"):]), args)
-    elif name == "sample_loop_b16":
-        out = sample_loop_case(16, args)
+    elif name.startswith("sample_loop_b"):
+        out = sample_loop_case(int(name[len("sample_loop_b"):]), args)
     elif name == "bf16_check":
         out = bf16_check_case(args)
     elif name == "bf16_vs_torch":
@@ -581,7 +581,7 @@ def table(rows):
     peer = {r["case"]: r for r in rows if r["case"] in PEER_CASES and "error" not in r}
     match = {"train_txt2img": ("peer_train", "img_per_s"), "train_txt2img_no_ema": ("peer_train", "img_per_s"),
              "sample_b16": ("peer_sample_b16", "img_per_s"), "sample_loop_b16": ("peer_sample_b16", "img_per_s"),
-             "sample_b1": ("peer_sample_b1", "total_s")}
+             "sample_b1": ("peer_sample_b1", "total_s"), "sample_loop_b1": ("peer_sample_b1", "total_s")}
     match.update({ours: (peer, "img_per_s") for peer, (*_, ours) in OWN_PEERS.items()})
     lines = ["| case | ours | peak GiB | MFU | peer eager | peer compiled | peer GiB | ours / compiled |",
              "|---|---|---|---|---|---|---|---|"]
@@ -599,7 +599,7 @@ def table(rows):
             lines.append(f"| bf16_vs_torch | UNet rel err {r['ours_rel_err']:.2e} (fp32 vs torch "
                          f"{r['fp32_ours_vs_torch']:.1e}) |  |  | autocast {r['torch_autocast_rel_err']:.2e} |  |  |  |")
             continue
-        key = "total_s" if r["case"] == "sample_b1" else "img_per_s"
+        key = "total_s" if r["case"] in ("sample_b1", "sample_loop_b1") else "img_per_s"
         unit = " s" if key == "total_s" else " img/s"
         cells = [f"{r[key]}{unit}", str(r.get("peak_mem_gib")), str(r.get("mfu", ""))]
         p = peer.get(match.get(r["case"], ("",))[0])

@@ -16,7 +16,7 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1",
-                         "sample_b16", "sample_b64", "sample_loop_b16", "bf16_check"}
+                         "sample_b16", "sample_b64", "sample_loop_b1", "sample_loop_b16", "bf16_check"}
     for case in ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8"):
         assert rows[case]["img_per_s"] > 0 and rows[case]["step_s"] > 0
         assert rows[case]["tflops_per_s"] > 0  # XLA's cost analysis of the compiled step
@@ -25,7 +25,7 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
     for b in (1, 16, 64):
         assert rows[f"sample_b{b}"]["batch"] == b and rows[f"sample_b{b}"]["img_per_s"] > 0
     loop = rows["sample_loop_b16"]
-    assert loop["batch"] == 16 and loop["total_s"] > 0
+    assert loop["batch"] == 16 and loop["total_s"] > 0 and rows["sample_loop_b1"]["batch"] == 1
     # the loop's arguments are the UNet's weights (bf16 here), the context and the noise: no other model's
     unet_gib = rows["train_txt2img"]["params_M"] * 1e6 * 2 / 2 ** 30
     assert unet_gib <= loop["xla_memory"]["args_gib"] * 1.05 and loop["xla_memory"]["args_gib"] < 1.5 * unet_gib
