@@ -599,10 +599,10 @@ def table(rows):
             lines.append(f"| bf16_vs_torch | UNet rel err {r['ours_rel_err']:.2e} (fp32 vs torch "
                          f"{r['fp32_ours_vs_torch']:.1e}) |  |  | autocast {r['torch_autocast_rel_err']:.2e} |  |  |  |")
             continue
-        key = "total_s" if r["case"] in ("sample_b1", "sample_loop_b1") else "img_per_s"
+        peer_case, key = match.get(r["case"], ("", "img_per_s"))
         unit = " s" if key == "total_s" else " img/s"
         cells = [f"{r[key]}{unit}", str(r.get("peak_mem_gib")), str(r.get("mfu", ""))]
-        p = peer.get(match.get(r["case"], ("",))[0])
+        p = peer.get(peer_case)
         if p:
             e, c = p["eager"], p["compiled"]
             ratio = c[key] / r[key] if key == "total_s" else r[key] / c[key]

@@ -249,27 +249,25 @@ def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
     """The sampler's model_fn(x, t): the UNet with classifier-free guidance, unconditional and
     conditional rows in one batch (`ctx` holds the unconditional rows first) combined as
     u + scale * (c - u); with `guidance_scale` None, the UNet once. `concat`: channels appended to x.
-    With a context, x enters the UNet once for both contexts, each row beside its two (`ctx`
-    interleaved once): the rows part ways at the first cross-attention (see `UNet`).
+    Guidance needs the context: x enters the UNet once for both, each row beside its two (`ctx`
+    interleaved once), and the rows part ways at the first cross-attention (see `UNet`).
     The context's keys and values are projected once, here, for all but the widest layers
     (`unet.context_key_values`)."""
-    if ctx is not None and guidance_scale is not None:  # each row's two contexts side by side
-        ctx = jnp.stack(jnp.split(ctx, 2), axis=1).reshape((-1,) + ctx.shape[1:])
+    if guidance_scale is not None:
+        if ctx is None:  # both halves would see the same input: guidance would return c itself
+            raise ValueError("guidance needs a context whose unconditional rows come first")
+        ctx = jnp.stack(jnp.split(ctx, 2), axis=1).reshape((-1,) + ctx.shape[1:])  # each row's two side by side
     variables = {"params": unet_params}
     if ctx is not None:
         variables[CONTEXT_KV] = context_key_values(unet, unet_params, ctx)
 
     def model_fn(x, t):
         xin = x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], -1)
+        out = unet.apply(variables, xin, t, ctx).astype(jnp.float32)
         if guidance_scale is None:
-            return unet.apply(variables, xin, t, ctx).astype(jnp.float32)
-        if ctx is not None:  # x once for both contexts (see `UNet`): rows 2j and 2j + 1 are x[j]'s
-            out = unet.apply(variables, xin, t, ctx).astype(jnp.float32)
-            out = out.reshape((-1, 2) + out.shape[1:])
-            out_u, out_c = out[:, 0], out[:, 1]
-        else:
-            out = unet.apply(variables, jnp.concatenate([xin, xin]), jnp.concatenate([t, t]), ctx).astype(jnp.float32)
-            out_u, out_c = jnp.split(out, 2)
+            return out
+        out = out.reshape((-1, 2) + out.shape[1:])  # x once for both contexts (see `UNet`): rows 2j, 2j + 1
+        out_u, out_c = out[:, 0], out[:, 1]
         return out_u + guidance_scale * (out_c - out_u)
 
     return model_fn

@@ -494,6 +494,9 @@ def test_rows_shared_by_several_contexts_run_once_before_the_cross_attention(con
     assert rows["conv_out/__call__"] == 2 * b
     with pytest.raises(ValueError, match="k \\* 2 rows"):
         model.apply({"params": params}, x, t, ctx2[:3])
+    from latentdiff.pipeline import guided_model_fn
+    with pytest.raises(ValueError, match="guidance needs a context"):
+        guided_model_fn(model, params, None, 6.0)
 
 
 SHARDED_GUIDANCE = """
