@@ -194,3 +194,25 @@ def test_autoencoder_peer_is_the_configs_and_trains(capsys):
     peer_models().bench_train_autoencoder("kl_f8_smoke", 2, False, warmup=1, reps=2)
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["what"] == "train_step_kl_f8_smoke" and row["img_per_s"] > 0
+
+
+def test_timed_case_runs_after_a_process_that_compiled_it(tmp_path, monkeypatch):
+    """The driver's two processes for a timed case: a --warm one that compiles the program into the
+    compile cache, runs it once and reports its peak, then the measured one, which loads the program
+    from the cache (so its peak is the program's, not XLA's autotuning scratch)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LATENTDIFF_COMPILE_CACHE", str(cache))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # the tiny program compiles fast
+    warm = bench._one("sample_loop_b1", ["--smoke", "--warm"])
+    assert set(warm) == {"case", "first_peak_gib"}, warm  # stopped at its first timed call
+    cached = sorted(p.name for p in cache.iterdir())
+    assert cached  # the program is in the cache for the measured process
+    row = bench._subprocess_row("sample_loop_b1", ["--smoke"])
+    assert row["total_s"] > 0 and row["batch"] == 1 and "first_peak_gib" in row
+    # the measured processes compiled nothing new: every program they ran came from the cache
+    assert sorted(p.name for p in cache.iterdir()) == cached
+    assert "sample_loop_b1" in bench.table([row])
