@@ -387,7 +387,6 @@ def sample_loop_case(batch, args):
     """The peer's sampling work: the txt2img UNet's 50 DDIM steps with guidance 6 from a given
     context (2 x batch rows, unconditional first), one jitted program returning the latents."""
     import jax
-    import jax.numpy as jnp
 
     from latentdiff.diffusion import samplers
     from latentdiff.pipeline import guided_model_fn

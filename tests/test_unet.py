@@ -368,6 +368,39 @@ def test_layers_recast_fp32_kernels_in_the_backward_pass(kind):
     assert (kernel.shape, jnp.bfloat16) in kept_up_front, kept_up_front  # what the recast avoids
 
 
+def test_upsampling_conv_matches_torch_nearest_then_conv():
+    """Conv2D(upsample=True) (four 2x2 sub-pixel convolutions of x) against torch's nearest x2 then
+    3x3 conv, values and gradients (fp32, odd sizes); its backward keeps nothing of the upsampled
+    size (the two-step form kept the 4x larger upsampled input for the kernel's gradient)."""
+    import torch
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from latentdiff.models.layers import Conv2D
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
+    cot = rng.standard_normal((2, 6, 10, 7)).astype(np.float32)
+    tconv = torch.nn.Conv2d(6, 7, 3, padding=1)
+    tx = nchw(x).requires_grad_()
+    ty = tconv(torch.nn.functional.interpolate(tx, scale_factor=2.0, mode="nearest"))
+    ty.backward(nchw(cot))
+    module = Conv2D(7, upsample=True)
+    params = {"kernel": jnp.asarray(tconv.weight.detach().numpy().transpose(0, 2, 3, 1)),
+              "bias": jnp.asarray(tconv.bias.detach().numpy())}
+    with jax.default_matmul_precision("highest"):
+        y, vjp = jax.vjp(lambda p, h: module.apply({"params": p}, h), params, jnp.asarray(x))
+        gp, gx = vjp(jnp.asarray(cot))
+    np.testing.assert_allclose(np.asarray(y), nhwc(ty), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), nhwc(tx.grad), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gp["kernel"]), tconv.weight.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gp["bias"]), tconv.bias.grad.numpy(), rtol=1e-5, atol=1e-4)
+    kept = [r.shape for r, _ in saved_residuals(lambda p, h: module.apply({"params": p}, h).sum(), params, x)]
+    assert all(shape[1:3] != (6, 10) for shape in kept if len(shape) == 4), kept
+    with pytest.raises(ValueError, match="3x3 convolution of stride 1"):
+        Conv2D(7, stride=2, upsample=True).init(jax.random.key(0), jnp.asarray(x))
+
+
 def test_geglu_and_its_gradient_match_torch():
     """layers.geglu (value * gelu(gate)) and its gradient against torch (fp32); in bf16 its
     backward keeps h alone."""

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latentdiff.models.attention import attention
-from latentdiff.models.layers import GroupNorm, conv, dense, upsample_nearest
+from latentdiff.models.layers import GroupNorm, conv, dense
 
 Dtype = Any
 
@@ -214,9 +214,9 @@ class _Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def conv(self, features, name, kernel=3, stride=1, padding=1):
+    def conv(self, features, name, kernel=3, stride=1, padding=1, upsample=False):
         return conv(features, kernel, stride, padding, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=name)
+                    param_dtype=self.param_dtype, name=name, upsample=upsample)
 
     def norm(self, name, dtype=None, silu=False):
         return GroupNorm(self.config.norm_num_groups, self.config.norm_eps,
@@ -267,11 +267,11 @@ class Downsample(_Block):
 
 
 class Upsample(_Block):
-    """Nearest-neighbour x2, then a 3x3 conv."""
+    """Nearest-neighbour x2, then a 3x3 conv (one sub-pixel convolution: `layers.upsample_conv`)."""
 
     @nn.compact
     def __call__(self, x):
-        return self.conv(x.shape[-1], "conv")(upsample_nearest(x, 2))
+        return self.conv(x.shape[-1], "conv", upsample=True)(x)
 
 
 class LevelBlock(_Block):

@@ -572,15 +572,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest x2 then 3x3 conv."""
+    """Nearest x2 then 3x3 conv (one sub-pixel convolution: `layers.upsample_conv`)."""
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        return conv(x.shape[-1], name="conv", dtype=self.dtype,
-                    param_dtype=self.param_dtype)(upsample_nearest(x))
+        return conv(x.shape[-1], name="conv", dtype=self.dtype, param_dtype=self.param_dtype, upsample=True)(x)
 
 
 class _LevelBlock(nn.Module):
