@@ -407,11 +407,12 @@ class ResBlock(nn.Module):
         gn = dict(num_groups=self.norm_num_groups, epsilon=self.norm_eps, **kw)
         emb = widen(emb, x.shape[0])
         h = GroupNorm(name="norm1", silu=True, **gn)(x)
-        if self.resample == "up":
-            h, x = upsample_nearest(h), upsample_nearest(x)
+        up = self.resample == "up"  # h is upsampled inside conv1 (`layers.upsample_conv`)
+        if up:
+            x = upsample_nearest(x)
         elif self.resample == "down":
             h, x = avg_pool2(h), avg_pool2(x)
-        h = conv(self.out_channels, name="conv1", **kw)(h)
+        h = conv(self.out_channels, name="conv1", upsample=up, **kw)(h)
         width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
         e = dense(width, name="time_emb_proj", **kw)(nn.silu(emb))
         if self.use_scale_shift_norm:
