@@ -369,7 +369,7 @@ def test_layers_recast_fp32_kernels_in_the_backward_pass(kind):
 
 
 def test_upsampling_conv_matches_torch_nearest_then_conv():
-    """Conv2D(upsample=True) (four 2x2 sub-pixel convolutions of x) against torch's nearest x2 then
+    """Conv2D(upsample=True) (four 2x2 per-phase convolutions of x) against torch's nearest x2 then
     3x3 conv, values and gradients (fp32, odd sizes); its backward keeps nothing of the upsampled
     size (the two-step form kept the 4x larger upsampled input for the kernel's gradient)."""
     import torch

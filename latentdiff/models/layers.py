@@ -325,16 +325,17 @@ def _fold_taps(k, axis):
 def upsample_conv(x, kernel):
     """conv3x3(upsample_nearest(x, 2)) with padding 1, x (b, h, w, c), kernel (out, 3, 3, c), as four
     2x2 convolutions of x, one per output phase (sub-pixel): 16 instead of 36 multiply-adds per input
-    pixel and channel pair, and the 4x larger upsampled input is never written. The four phases' 2x2
-    kernels (summed taps, in float32) run as one convolution of 4 * out channels over x padded by 1,
-    each phase reading its own (h, w) window of that (h + 1, w + 1) output."""
+    pixel and channel pair, and the 4x larger upsampled input is never written. Each phase's 2x2
+    kernel sums the taps that land on the same input pixel (in float32) and its convolution is padded
+    to read exactly its own window, so neither pass computes outputs that are thrown away (one
+    convolution of 4 * out channels over x padded by 1, sliced per phase, had a backward 2-5x slower
+    on the autoencoder's large maps; BENCHMARKS.md, session 17)."""
     b, h, w, _ = x.shape
     out = kernel.shape[0]
-    k = _fold_taps(_fold_taps(kernel.astype(jnp.float32), 2), 2)  # columns, then rows: (2 a, 2 b, out, 2 r, 2 s, c)
-    k = k.reshape(4 * out, 2, 2, -1).astype(x.dtype)
-    y = jax.lax.conv_general_dilated(x, k, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "OHWI", "NHWC"))
-    y = y.reshape(b, h + 1, w + 1, 2, 2, out)
-    rows = [jnp.stack([y[:, a:a + h, c:c + w, a, c] for c in (0, 1)], axis=3) for a in (0, 1)]
+    k = _fold_taps(_fold_taps(kernel.astype(jnp.float32), 2), 2).astype(x.dtype)  # (2 a, 2 b, out, 2 r, 2 s, c)
+    rows = [jnp.stack([jax.lax.conv_general_dilated(x, k[a, c], (1, 1), [(1 - a, a), (1 - c, c)],
+                                                    dimension_numbers=("NHWC", "OHWI", "NHWC"))
+                       for c in (0, 1)], axis=3) for a in (0, 1)]
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, out)  # (b, h, 2 a, w, 2 b, out)
 
 
