@@ -17,6 +17,7 @@ def get_config():
     # or a folder of them) and, for inpainting, `mask` (white = fill in; one per image).
     c.prompts = ""
     c.prompts_file = ""
+    c.negative_prompt = ""  # text models with guidance: what to steer away from (default: the empty prompt)
     c.class_labels = ""
     c.image = ""
     c.mask = ""

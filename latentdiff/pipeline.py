@@ -74,21 +74,28 @@ class LatentDiffusionPipeline:
     # ------------------------------------------------------------------ sampling
     def __call__(self, prompts=None, *, class_labels=None, image=None, mask=None, rng=None,
                  num_inference_steps=50, guidance_scale=1.0, eta=0.0, sampler="ddim",
-                 latents=None, height=None, width=None, num_samples=None, output_type="uint8"):
+                 latents=None, height=None, width=None, num_samples=None, output_type="uint8",
+                 negative_prompt=None):
         """Sample images; returns uint8 (B, H, W, 3). See DESIGN.md for the keywords.
 
         `output_type='float'` gives [0, 1] float32 images, `'latents'` the final latents (NHWC).
+        `negative_prompt` (text models, with guidance): the text guidance steers away from in place
+        of the empty prompt, one for all images or a list of one per prompt. A text shared by every
+        image (the empty one by default) is encoded once.
         """
         cfg = self.config
         if output_type not in ("uint8", "float", "latents"):
             raise ValueError(f"output_type must be 'uint8', 'float' or 'latents', got '{output_type}'")
         if num_samples is None and latents is not None:
             num_samples = np.shape(latents)[0]
-        cond, uncond, batch = self._conditioning(prompts, class_labels, image, mask, num_samples)
+        cond, uncond, batch = self._conditioning(prompts, class_labels, image, mask, num_samples,
+                                                 negative_prompt)
         guided = float(guidance_scale) != 1.0
         if guided and uncond is None:
             raise ValueError(f"guidance_scale={guidance_scale} needs an unconditional input, which the "
                              f"'{cfg.task}' task does not have; use guidance_scale=1.0")
+        if negative_prompt is not None and not guided:
+            raise ValueError("negative_prompt acts through guidance: set guidance_scale other than 1.0")
         if sampler not in samplers.SAMPLERS:
             raise ValueError(f"unknown sampler '{sampler}'; one of {samplers.SAMPLERS}")
         h, w = self._latent_hw(height, width, image)
@@ -131,15 +138,24 @@ class LatentDiffusionPipeline:
                              f"got {height}x{width}")
         return height // scale, width // scale
 
-    def _conditioning(self, prompts, class_labels, image, mask, num_samples):
-        """Host-side inputs of the program: (cond, uncond, batch size)."""
+    def _conditioning(self, prompts, class_labels, image, mask, num_samples, negative_prompt=None):
+        """Host-side inputs of the program: (cond, uncond, batch size). A text model's unconditional
+        tokens are one row when every image shares them (the program broadcasts its encoding)."""
         cfg = self.config
+        if negative_prompt is not None and cfg.task != "text2img":
+            raise ValueError(f"negative_prompt is for text-to-image models, not this '{cfg.task}' one")
         if cfg.task == "text2img":
             if prompts is None:
                 raise ValueError("this is a text-to-image model: pass prompts")
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            negative = negative_prompt or ""
+            negative = [negative] if isinstance(negative, str) else list(negative)
+            if len(negative) != len(prompts) and len(negative) != 1:
+                raise ValueError(f"negative_prompt: give one text or one per prompt ({len(prompts)}), "
+                                 f"got {len(negative)}")
+            negative = negative[:1] if len(set(negative)) == 1 else negative
             ids = self.tokenizer.encode(prompts, max_length=cfg.max_length)
-            null = self.tokenizer.encode([""] * len(prompts), max_length=cfg.max_length)
+            null = self.tokenizer.encode(negative, max_length=cfg.max_length)
             return jnp.asarray(ids), jnp.asarray(null), len(prompts)
         if cfg.task == "class2img":
             if class_labels is None:
@@ -229,8 +245,8 @@ class LatentDiffusionPipeline:
         def program(params, cond, uncond, x_T, rng, guidance_scale):
             ctx, concat = encode_cond(params, cond)
             if guided:
-                uctx, _ = encode_cond(params, uncond)
-                ctx = jnp.concatenate([uctx, ctx], axis=0)
+                uctx, _ = encode_cond(params, uncond)  # one row when shared by every image
+                ctx = jnp.concatenate([jnp.broadcast_to(uctx, ctx.shape), ctx], axis=0)
 
             model_fn = guided_model_fn(unet, params["unet"], ctx, guidance_scale if guided else None, concat)
             z = samplers.sample(model_fn, x_T, schedule, sampler=sampler, num_steps=num_steps,

@@ -13,8 +13,8 @@ from PIL import Image
 IMAGE_TASKS = ("superres", "inpaint", "semantic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_GUIDANCE = 3.0
-INPUT_KEYS = {"prompts": ("text2img",), "prompts_file": ("text2img",), "class_labels": ("class2img",),
-              "image": IMAGE_TASKS, "mask": ("inpaint",)}  # setting -> the tasks that take it
+INPUT_KEYS = {"prompts": ("text2img",), "prompts_file": ("text2img",), "negative_prompt": ("text2img",),
+              "class_labels": ("class2img",), "image": IMAGE_TASKS, "mask": ("inpaint",)}  # setting -> its tasks
 
 
 class UserInputError(ValueError):
@@ -36,6 +36,8 @@ def run(config):
     writer = jax.process_index() == 0  # with several processes, every one samples; the first writes
     kw = dict(num_inference_steps=int(config.num_inference_steps), guidance_scale=guidance, eta=float(config.eta),
               sampler=config.sampler, height=int(config.height) or None, width=int(config.width) or None)
+    if config.negative_prompt:
+        kw["negative_prompt"] = config.negative_prompt
     rng = jax.random.key(int(config.seed))
     if writer:
         os.makedirs(config.outdir, exist_ok=True)
@@ -102,7 +104,7 @@ def inputs(config, pipe):
         raise UserInputError(f"num_samples must be at least 1, got {n}")
     if task == "text2img":
         prompts = read_prompts(config)
-        check_vocabulary(pipe.tokenizer, prompts)
+        check_vocabulary(pipe.tokenizer, prompts + [config.negative_prompt])
         prompts = [p for p in prompts for _ in range(n)]
         return {"prompts": prompts}, prompts
     if task == "class2img":

@@ -103,7 +103,8 @@ def test_task_demo_trains_and_its_printed_sample_command_works(demo, tmp_path, c
 
 def test_sample_py_splits_the_batch_over_devices_with_the_same_images(demo, tmp_path):
     wd, _, _ = demo
-    args = (f"--config.pretrained={wd}", "--config.num_inference_steps=4", "--config.batch_size=8")
+    args = (f"--config.pretrained={wd}", "--config.num_inference_steps=4", "--config.batch_size=8",
+            "--config.negative_prompt=a red square")  # one row of unconditional tokens beside 8 prompts
     sample(*args, f"--config.outdir={tmp_path / 'one'}")
     sample(*args, f"--config.outdir={tmp_path / 'four'}", devices=4)
     for i in range(9):
@@ -124,6 +125,8 @@ def test_sample_py_bad_input_is_one_line_and_exit_2(demo, tmp_path):
     _one_line_error(sample(f"--config.pretrained={tmp_path / 'nothing'}", check=False), "no checkpoint at")
     _one_line_error(sample(f"--config.pretrained={wd}", "--config.prompts=a purple circle at the top left",
                            check=False), "'purple'", "[UNK]")
+    _one_line_error(sample(f"--config.pretrained={wd}", "--config.negative_prompt=a purple circle", check=False),
+                    "'purple'", "[UNK]")
     _one_line_error(sample(f"--config.pretrained={wd}", "--config.class_labels=1", check=False),
                     "class_labels cannot be used")
     _one_line_error(sample("--config.bogus=1", check=False), "unknown config key")

@@ -37,6 +37,34 @@ def test_same_images_as_diffusers(folder, guidance):
     assert psnr(img, ref) >= 40.0
 
 
+def test_negative_prompt_matches_diffusers_with_that_unconditional_text(folder, monkeypatch):
+    """negative_prompt (one per prompt) against diffusers' pipeline whose tokenizer is handed the
+    same texts in place of its empty unconditional prompts; a text shared by all is one row."""
+    path, ref_pipe = folder
+    negatives = ["a red circle", "the squirrel"]
+    latents = np.asarray(jax.random.normal(jax.random.key(3), (2, 4, 4, 4)))
+    ours = LatentDiffusionPipeline.from_pretrained(path)
+    kw = dict(latents=latents, num_inference_steps=10, guidance_scale=6.0, height=32, width=32)
+    img = ours(PROMPTS, negative_prompt=negatives, **kw)
+    tokenize = type(ref_pipe.tokenizer).__call__
+    monkeypatch.setattr(type(ref_pipe.tokenizer), "__call__", lambda self, text, *a, **k: tokenize(
+        self, negatives if text == [""] * len(negatives) else text, *a, **k))
+    ref = _reference(ref_pipe, latents, 10, 6.0)
+    assert np.abs(img.astype(int) - ref).max() <= 1
+    plain = ours(PROMPTS, **kw)
+    assert np.abs(img.astype(int) - plain).mean() > 0.3  # the negative prompt moves them (0.6 here)
+    np.testing.assert_array_equal(ours(PROMPTS, negative_prompt="", **kw), plain)
+    shared = ours(PROMPTS, negative_prompt="the squirrel", **kw)
+    np.testing.assert_array_equal(ours(PROMPTS, negative_prompt=["the squirrel"] * 2, **kw), shared)
+    for negative in (None, "", "the squirrel", ["the squirrel"] * 2):
+        _, uncond, batch = ours._conditioning(PROMPTS, None, None, None, None, negative)
+        assert batch == 2 and uncond.shape[0] == 1  # encoded once, broadcast in the program
+    with pytest.raises(ValueError, match=r"one text or one per prompt \(2\), got 3"):
+        ours(PROMPTS, negative_prompt=["a", "b", "c"], **kw)
+    with pytest.raises(ValueError, match="negative_prompt acts through guidance"):
+        ours(PROMPTS, negative_prompt="the squirrel", **dict(kw, guidance_scale=1.0))
+
+
 def test_bf16_latents_close_to_fp32(folder):
     """bf16 compute (fp32 params) against fp32: the default 50 DDIM steps at guidance 6."""
     path, _ = folder

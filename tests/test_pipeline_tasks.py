@@ -424,6 +424,8 @@ def test_inpainting_mask_of_the_wrong_shape(inpaint_pipe):
 def test_class_label_out_of_range(class_pipe):
     with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 1001\)"):
         class_pipe(class_labels=[3, 1001], rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="negative_prompt is for text-to-image models, not this 'class2img'"):
+        class_pipe(class_labels=[3], negative_prompt="a dog", guidance_scale=2.0, rng=jax.random.key(0))
 
 
 def test_guidance_without_unconditional_input(uncond, inpaint_pipe):
