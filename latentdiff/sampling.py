@@ -91,6 +91,8 @@ def guidance_scale(config, pipe):
     if scale != 1.0 and not has_uncond:
         raise UserInputError(f"guidance_scale {scale} needs an unconditional input, which this "
                              f"'{pipe.config.task}' model does not have; leave guidance_scale at -1 or 1")
+    if scale == 1.0 and config.negative_prompt:
+        raise UserInputError("negative_prompt acts through guidance: leave guidance_scale at -1 or set it other than 1")
     return scale
 
 

@@ -154,3 +154,21 @@ def test_image_inputs_that_do_not_fit_are_user_errors(tmp_path):
     c.image = str(tmp_path / "missing.png")
     with pytest.raises(UserInputError, match="does not exist"):
         inputs(c, Pipe)
+
+
+def test_negative_prompt_without_guidance_is_a_user_error():
+    """In-process: sample.py refuses a negative prompt that guidance_scale 1 would ignore."""
+    import ml_collections
+
+    from configs.sample import get_config
+    from latentdiff.sampling import UserInputError, guidance_scale
+
+    class Pipe:  # only what `guidance_scale` reads
+        config = ml_collections.ConfigDict(dict(task="text2img", null_class=None))
+
+    c = get_config()
+    c.negative_prompt, c.guidance_scale = "a red square", 1.0
+    with pytest.raises(UserInputError, match="negative_prompt acts through guidance"):
+        guidance_scale(c, Pipe)
+    c.guidance_scale = -1.0
+    assert guidance_scale(c, Pipe) == 3.0
