@@ -267,7 +267,7 @@ class Downsample(_Block):
 
 
 class Upsample(_Block):
-    """Nearest-neighbour x2, then a 3x3 conv (one sub-pixel convolution: `layers.upsample_conv`)."""
+    """Nearest-neighbour x2, then a 3x3 conv (four per-phase 2x2 convolutions of x: `layers.upsample_conv`)."""
 
     @nn.compact
     def __call__(self, x):

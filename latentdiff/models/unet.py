@@ -573,7 +573,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest x2 then 3x3 conv (one sub-pixel convolution: `layers.upsample_conv`)."""
+    """Nearest x2 then 3x3 conv (four per-phase 2x2 convolutions of x: `layers.upsample_conv`)."""
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
