@@ -11,6 +11,7 @@ def get_config():
     c.config = ""
     c.use_ema = True
     c.dtype = "float32"  # or bfloat16
+    c.param_dtype = ""  # how the weights are stored: "" = as dtype (bfloat16 halves their memory), or float32
     # What to sample. Text models: `prompts` ('|' between prompts) or `prompts_file` (one per line);
     # without either, the built-in demo's held-out prompts. Class models: `class_labels` ("0,4,8";
     # default: every class, up to 16). Super-resolution / inpainting / semantic maps: `image` (a file

@@ -59,11 +59,15 @@ class LatentDiffusionPipeline:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path, config=None, *, dtype=jnp.float32, use_ema=True):
-        """Load a diffusers LDM folder, a CompVis `.ckpt` (with `config=` its YAML) or our own checkpoint."""
+    def from_pretrained(cls, path, config=None, *, dtype=jnp.float32, param_dtype=jnp.float32, use_ema=True):
+        """Load a diffusers LDM folder, a CompVis `.ckpt` (with `config=` its YAML) or our own checkpoint.
+
+        `dtype`: the compute dtype. `param_dtype`: how the weights are stored; bfloat16 halves their
+        memory and each step's reads of them (the matmuls and convolutions cast them to bfloat16
+        anyway; the norms' scales and biases, computed in float32, keep bfloat16's rounding)."""
         from latentdiff.convert import loaders
 
-        return cls(**loaders.load(path, config=config, dtype=dtype, use_ema=use_ema))
+        return cls(**loaders.load(path, config=config, dtype=dtype, use_ema=use_ema, param_dtype=param_dtype))
 
     def save_pretrained(self, path):
         """Write this pipeline in the project's own format (loadable by `from_pretrained`)."""

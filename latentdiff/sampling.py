@@ -72,11 +72,14 @@ def load(config, pipeline_cls):
         hint = " (the demo writes it: run `python train.py` first)" if path == "workdir/demo" else ""
         raise UserInputError(f"no checkpoint at '{path}'{hint}; set --config.pretrained to our checkpoint or "
                              f"training workdir, a diffusers folder, or a CompVis .ckpt")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.dtype)
-    if dtype is None:
-        raise UserInputError(f"dtype must be 'float32' or 'bfloat16', got '{config.dtype}'")
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    dtype, param_dtype = dtypes.get(config.dtype), dtypes.get(config.param_dtype or config.dtype)
+    if dtype is None or param_dtype is None:
+        raise UserInputError(f"dtype and param_dtype must be 'float32' or 'bfloat16', got '{config.dtype}' "
+                             f"and '{config.param_dtype}'")
     try:
-        return pipeline_cls.from_pretrained(path, config=config.config or None, dtype=dtype, use_ema=config.use_ema)
+        return pipeline_cls.from_pretrained(path, config=config.config or None, dtype=dtype, param_dtype=param_dtype,
+                                            use_ema=config.use_ema)
     except (ValueError, OSError) as e:
         raise UserInputError(f"cannot load '{path}': {e}") from e
 

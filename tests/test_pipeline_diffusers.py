@@ -66,16 +66,40 @@ def test_negative_prompt_matches_diffusers_with_that_unconditional_text(folder, 
 
 
 def test_bf16_latents_close_to_fp32(folder):
-    """bf16 compute (fp32 params) against fp32: the default 50 DDIM steps at guidance 6."""
+    """bf16 compute, with fp32 and with bf16 weights, against fp32: the default 50 DDIM steps at
+    guidance 6; bf16 weights are half the bytes."""
     path, _ = folder
     latents = np.asarray(jax.random.normal(jax.random.key(2), (2, 4, 4, 4)))
     kw = dict(latents=latents, num_inference_steps=50, guidance_scale=6.0, output_type="latents")
-    z32 = LatentDiffusionPipeline.from_pretrained(path)(PROMPTS, **kw)
-    z16 = LatentDiffusionPipeline.from_pretrained(path, dtype=jnp.bfloat16)(PROMPTS, **kw)
-    diff = np.asarray(z16, np.float64) - z32
-    rel = np.linalg.norm(diff) / np.linalg.norm(z32)
-    print("bf16 vs fp32 relative L2", rel, "max-abs/max", np.abs(diff).max() / np.abs(z32).max())
-    assert rel <= 1e-2, rel
+    p32 = LatentDiffusionPipeline.from_pretrained(path)
+    z32 = p32(PROMPTS, **kw)
+    for param_dtype in (jnp.float32, jnp.bfloat16):
+        pipe = LatentDiffusionPipeline.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=param_dtype)
+        assert {a.dtype for a in jax.tree.leaves(pipe.params)} == {jnp.dtype(param_dtype)}
+        z16 = pipe(PROMPTS, **kw)
+        diff = np.asarray(z16, np.float64) - z32
+        rel = np.linalg.norm(diff) / np.linalg.norm(z32)
+        print("bf16 vs fp32 relative L2", param_dtype, rel, "max-abs/max", np.abs(diff).max() / np.abs(z32).max())
+        assert rel <= 1e-2, rel
+    nbytes = lambda p: sum(a.nbytes for a in jax.tree.leaves(p.params))  # noqa: E731
+    assert nbytes(pipe) * 2 == nbytes(p32)
+    with pytest.raises(ValueError, match="param_dtype must be a floating dtype"):
+        LatentDiffusionPipeline.from_pretrained(path, param_dtype=jnp.int8)
+
+
+def test_sample_py_stores_weights_as_its_dtype_says(folder):
+    """sample.py's `param_dtype` ('' = as `dtype`) reaches the loaded weights; other names are user errors."""
+    from configs.sample import get_config
+    from latentdiff.sampling import UserInputError, load
+
+    c = get_config()
+    c.pretrained, c.dtype = folder[0], "bfloat16"
+    for param_dtype, expected in (("", jnp.bfloat16), ("float32", jnp.float32)):
+        c.param_dtype = param_dtype
+        assert {a.dtype for a in jax.tree.leaves(load(c, LatentDiffusionPipeline).params)} == {jnp.dtype(expected)}
+    c.param_dtype = "int8"
+    with pytest.raises(UserInputError, match="param_dtype must be 'float32' or 'bfloat16'"):
+        load(c, LatentDiffusionPipeline)
 
 
 def test_seed_usage_from_design(folder):

@@ -31,15 +31,18 @@ _LEGACY_ATTENTION = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn
 _LEGACY_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def load(path, config=None, dtype=jnp.float32, use_ema=True):
-    """Dispatch on what `path` is; see the module docstring."""
+def load(path, config=None, dtype=jnp.float32, use_ema=True, param_dtype=jnp.float32):
+    """Dispatch on what `path` is; see the module docstring. The parameters are stored in
+    `param_dtype` (cast on the host where they are read from files)."""
+    if not jnp.issubdtype(param_dtype, jnp.floating):
+        raise ValueError(f"param_dtype must be a floating dtype, got {param_dtype!r}")
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "pipeline", OWN_CONFIG)):  # a training run's workdir
             path = os.path.join(path, "pipeline")
         if os.path.exists(os.path.join(path, OWN_CONFIG)):
-            return load_own(path, dtype, use_ema)
+            return load_own(path, dtype, use_ema, param_dtype)
         if os.path.exists(os.path.join(path, "model_index.json")):
-            return load_diffusers(path, dtype)
+            return load_diffusers(path, dtype, param_dtype)
         raise FileNotFoundError(f"{path} holds neither model_index.json (diffusers) nor {OWN_CONFIG}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -48,7 +51,7 @@ def load(path, config=None, dtype=jnp.float32, use_ema=True):
         config = guess if os.path.exists(guess) else None
     if config is None:
         raise ValueError(f"a CompVis checkpoint needs its YAML: from_pretrained('{path}', config='config.yaml')")
-    return load_compvis(path, config, dtype, use_ema)
+    return load_compvis(path, config, dtype, use_ema, param_dtype)
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -108,7 +111,7 @@ def _component_state_dict(folder):
     raise FileNotFoundError(f"no weights in {folder}: expected one of {', '.join(_WEIGHT_FILES)}")
 
 
-def load_diffusers(path, dtype=jnp.float32):
+def load_diffusers(path, dtype=jnp.float32, param_dtype=jnp.float32):
     """A diffusers LDMTextToImagePipeline / LDMPipeline / LDMSuperResolutionPipeline folder."""
     from latentdiff.pipeline import PipelineConfig
 
@@ -141,7 +144,7 @@ def load_diffusers(path, dtype=jnp.float32):
         vae_scale=2 ** (len(ae.ch_mult) - 1),
         **_scheduler_settings(sched))
     return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer,
-                schedule=NoiseSchedule.from_diffusers(sched), config=config, params=_as_device(params))
+                schedule=NoiseSchedule.from_diffusers(sched), config=config, params=_as_device(params, param_dtype))
 
 
 def _diffusers_scale_factor(vae_cfg, task):
@@ -222,7 +225,7 @@ def build_ldm(p, dtype=jnp.float32, scale_factor=None):
                 config=config, cond_target=cs_target)
 
 
-def load_compvis(ckpt, yaml_path, dtype=jnp.float32, use_ema=True):
+def load_compvis(ckpt, yaml_path, dtype=jnp.float32, use_ema=True, param_dtype=jnp.float32):
     """A CompVis LatentDiffusion `.ckpt` with the YAML it was released with."""
     p = _yaml(yaml_path)["model"]["params"]
     sd = load_state_dict(ckpt)
@@ -249,7 +252,7 @@ def load_compvis(ckpt, yaml_path, dtype=jnp.float32, use_ema=True):
                                             abstract_params(cond_model, *cond_example(cond_model)),
                                             prefix="conditioning model")
     return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer, schedule=spec["schedule"],
-                config=spec["config"], params=_as_device(params))
+                config=spec["config"], params=_as_device(params, param_dtype))
 
 
 def load_first_stage(path, vae):
@@ -334,7 +337,7 @@ def _tuples(d):
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
 
 
-def load_own(path, dtype=jnp.float32, use_ema=True):
+def load_own(path, dtype=jnp.float32, use_ema=True, param_dtype=jnp.float32):
     """Our own format: `latentdiff.json` + orbax parameters (EMA parameters preferred when present)."""
     import orbax.checkpoint as ocp
     from latentdiff.pipeline import PipelineConfig
@@ -362,4 +365,4 @@ def load_own(path, dtype=jnp.float32, use_ema=True):
         params = ckptr.restore(os.path.abspath(folder))
     schedule = NoiseSchedule(np.asarray(meta["betas"], np.float64))
     return dict(unet=unet, vae=vae, cond_model=cond_model, tokenizer=tokenizer, schedule=schedule,
-                config=PipelineConfig(**meta["pipeline"]), params=_as_device(params))
+                config=PipelineConfig(**meta["pipeline"]), params=_as_device(params, param_dtype))
