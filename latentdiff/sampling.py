@@ -36,7 +36,7 @@ def run(config):
     writer = jax.process_index() == 0  # with several processes, every one samples; the first writes
     kw = dict(num_inference_steps=int(config.num_inference_steps), guidance_scale=guidance, eta=float(config.eta),
               sampler=config.sampler, height=int(config.height) or None, width=int(config.width) or None)
-    if config.negative_prompt:
+    if config.get("negative_prompt"):
         kw["negative_prompt"] = config.negative_prompt
     rng = jax.random.key(int(config.seed))
     if writer:
@@ -73,10 +73,10 @@ def load(config, pipeline_cls):
         raise UserInputError(f"no checkpoint at '{path}'{hint}; set --config.pretrained to our checkpoint or "
                              f"training workdir, a diffusers folder, or a CompVis .ckpt")
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    dtype, param_dtype = dtypes.get(config.dtype), dtypes.get(config.param_dtype or config.dtype)
+    dtype, param_dtype = dtypes.get(config.dtype), dtypes.get(config.get("param_dtype") or config.dtype)
     if dtype is None or param_dtype is None:
         raise UserInputError(f"dtype and param_dtype must be 'float32' or 'bfloat16', got '{config.dtype}' "
-                             f"and '{config.param_dtype}'")
+                             f"and '{config.get('param_dtype')}'")
     try:
         return pipeline_cls.from_pretrained(path, config=config.config or None, dtype=dtype, param_dtype=param_dtype,
                                             use_ema=config.use_ema)
@@ -94,7 +94,7 @@ def guidance_scale(config, pipe):
     if scale != 1.0 and not has_uncond:
         raise UserInputError(f"guidance_scale {scale} needs an unconditional input, which this "
                              f"'{pipe.config.task}' model does not have; leave guidance_scale at -1 or 1")
-    if scale == 1.0 and config.negative_prompt:
+    if scale == 1.0 and config.get("negative_prompt"):
         raise UserInputError("negative_prompt acts through guidance: leave guidance_scale at -1 or set it other than 1")
     return scale
 
@@ -102,14 +102,14 @@ def guidance_scale(config, pipe):
 def inputs(config, pipe):
     """-> ({pipeline keyword: array or list, one entry per image}, a name per image)."""
     task, n = pipe.config.task, int(config.num_samples)
-    unused = [k for k in INPUT_KEYS if config[k] and task not in INPUT_KEYS[k]]
+    unused = [k for k in INPUT_KEYS if config.get(k) and task not in INPUT_KEYS[k]]  # .get: older config files
     if unused:
         raise UserInputError(f"{', '.join(unused)} cannot be used with this '{task}' model")
     if n < 1:
         raise UserInputError(f"num_samples must be at least 1, got {n}")
     if task == "text2img":
         prompts = read_prompts(config)
-        check_vocabulary(pipe.tokenizer, prompts + [config.negative_prompt])
+        check_vocabulary(pipe.tokenizer, prompts + [config.get("negative_prompt", "")])
         prompts = [p for p in prompts for _ in range(n)]
         return {"prompts": prompts}, prompts
     if task == "class2img":

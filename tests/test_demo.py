@@ -172,3 +172,5 @@ def test_negative_prompt_without_guidance_is_a_user_error():
         guidance_scale(c, Pipe)
     c.guidance_scale = -1.0
     assert guidance_scale(c, Pipe) == 3.0
+    older = ml_collections.ConfigDict({k: v for k, v in c.items() if k not in ("negative_prompt", "param_dtype")})
+    assert guidance_scale(older, Pipe) == 3.0  # a settings file from before these two keys
