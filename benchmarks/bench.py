@@ -147,9 +147,9 @@ def _config(name, smoke, remat):
 
 
 def _dtype(name):
-    import jax.numpy as jnp
+    from latentdiff.runtime import DTYPES
 
-    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[name]
+    return DTYPES[name]
 
 
 def train_ldm_case(name, batch, args, use_ema=True):

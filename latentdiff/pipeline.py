@@ -143,8 +143,9 @@ class LatentDiffusionPipeline:
         return height // scale, width // scale
 
     def _conditioning(self, prompts, class_labels, image, mask, num_samples, negative_prompt=None):
-        """Host-side inputs of the program: (cond, uncond, batch size). A text model's unconditional
-        tokens are one row when every image shares them (the program broadcasts its encoding)."""
+        """Host-side inputs of the program: (cond, uncond, batch size). The unconditional input is one
+        row when every image shares it (the empty or one negative prompt, the null class): the program
+        encodes it once and broadcasts the encoding."""
         cfg = self.config
         if negative_prompt is not None and cfg.task != "text2img":
             raise ValueError(f"negative_prompt is for text-to-image models, not this '{cfg.task}' one")
@@ -168,7 +169,7 @@ class LatentDiffusionPipeline:
             n = self.cond_model.n_classes
             if labels.min() < 0 or labels.max() >= n:
                 raise ValueError(f"class_labels must lie in [0, {n}), got {labels.tolist()}")
-            null = None if cfg.null_class is None else np.full_like(labels, cfg.null_class)
+            null = None if cfg.null_class is None else np.full((1,), cfg.null_class, labels.dtype)
             return jnp.asarray(labels), None if null is None else jnp.asarray(null), len(labels)
         if cfg.task == "uncond":
             return None, None, int(num_samples or 1)
@@ -249,7 +250,7 @@ class LatentDiffusionPipeline:
         def program(params, cond, uncond, x_T, rng, guidance_scale):
             ctx, concat = encode_cond(params, cond)
             if guided:
-                uctx, _ = encode_cond(params, uncond)  # one row when shared by every image
+                uctx, _ = encode_cond(params, uncond)  # one row when every image shares it
                 ctx = jnp.concatenate([jnp.broadcast_to(uctx, ctx.shape), ctx], axis=0)
 
             model_fn = guided_model_fn(unet, params["unet"], ctx, guidance_scale if guided else None, concat)

@@ -2,6 +2,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 
 DEFAULT_CACHE = os.path.join("~", ".cache", "latentdiff", "xla")
 
@@ -12,6 +13,9 @@ DEFAULT_CACHE = os.path.join("~", ".cache", "latentdiff", "xla")
 # 0.1164 -> 0.1096 s, back to back 619.7 -> 626.5 img/s, same memory; its 50-step sampling loop at
 # batch 16 0.763 -> 0.750 s, 2.17 -> 1.98 GiB. Other backends ignore these options.
 COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+# The dtypes a config or a command line names (`dtype`, `param_dtype`).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def enable_compile_cache(path=None):

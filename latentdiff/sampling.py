@@ -6,9 +6,10 @@ a problem with them raises `UserInputError`, which sample.py prints as one line 
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+
+from latentdiff.runtime import DTYPES
 
 IMAGE_TASKS = ("superres", "inpaint", "semantic")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -72,8 +73,7 @@ def load(config, pipeline_cls):
         hint = " (the demo writes it: run `python train.py` first)" if path == "workdir/demo" else ""
         raise UserInputError(f"no checkpoint at '{path}'{hint}; set --config.pretrained to our checkpoint or "
                              f"training workdir, a diffusers folder, or a CompVis .ckpt")
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    dtype, param_dtype = dtypes.get(config.dtype), dtypes.get(config.get("param_dtype") or config.dtype)
+    dtype, param_dtype = DTYPES.get(config.dtype), DTYPES.get(config.get("param_dtype") or config.dtype)
     if dtype is None or param_dtype is None:
         raise UserInputError(f"dtype and param_dtype must be 'float32' or 'bfloat16', got '{config.dtype}' "
                              f"and '{config.get('param_dtype')}'")

@@ -23,6 +23,7 @@ from latentdiff.losses import autoencoder_loss as L
 from latentdiff.losses.discriminator import NLayerDiscriminator
 from latentdiff.losses.lpips import LPIPS, load_lpips_params
 from latentdiff.models.autoencoder import AutoencoderConfig, VQModel, first_stage_latents, make_autoencoder
+from latentdiff.runtime import DTYPES
 from latentdiff.training.loop import NonFiniteLossError, _Stop, data_config, resume
 from latentdiff.training.state import keep_if_finite
 
@@ -164,7 +165,7 @@ def train_autoencoder(config, workdir):
     from latentdiff.training.logging import MetricWriter, progress
 
     os.makedirs(workdir, exist_ok=True)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.train.dtype]
+    dtype = DTYPES[config.train.dtype]
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.check_batch(config.data.batch_size, mesh)
     loss_cfg = config.model.loss

@@ -19,7 +19,7 @@ from latentdiff import parallel
 from latentdiff.checkpoint import Checkpointer
 from latentdiff.convert import loaders
 from latentdiff.data import make_dataset
-from latentdiff.runtime import COMPILER_OPTIONS
+from latentdiff.runtime import COMPILER_OPTIONS, DTYPES
 from latentdiff.training import ldm_step
 from latentdiff.training.state import TrainState, make_optimizer, repack_state
 
@@ -173,7 +173,7 @@ class _Stop:
 def train_ldm(config, workdir):
     """Train the LDM stage of `config` in `workdir` (resuming from its newest checkpoint)."""
     os.makedirs(workdir, exist_ok=True)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.train.dtype]
+    dtype = DTYPES[config.train.dtype]
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.check_batch(config.data.batch_size, mesh, config.optim.accumulate)
     spec = loaders.build_ldm(compvis_params(config.model), dtype)
