@@ -9,4 +9,8 @@ def __getattr__(name):
         from latentdiff.pipeline import LatentDiffusionPipeline
 
         return LatentDiffusionPipeline
+    if name == "forward_mode":
+        from latentdiff.models.layers import forward_mode
+
+        return forward_mode
     raise AttributeError(name)

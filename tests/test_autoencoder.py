@@ -1,10 +1,13 @@
 """Parity of the autoencoders with diffusers' PyTorch AutoencoderKL / VQModel (random weights)."""
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from latentdiff.models.autoencoder import AutoencoderConfig, make_autoencoder
+from latentdiff.models.layers import forward_mode
 from tests.torch_utils import flax_params_from_torch, nchw, nhwc, rel_err
 
 torch = pytest.importorskip("torch")
@@ -78,6 +81,23 @@ def test_kl_encode_decode_kl_match_diffusers(kl_pair):
     out = model.apply(params, nhwc(dist.mean), method="decode")
     assert out.shape == (2, 16, 16, 3)
     assert rel_err(out, nhwc(dec)) <= TOL
+
+
+def test_decoder_forward_mode_matches_torch_central_difference(kl_pair):
+    """jax.jvp through the KL decoder (GroupNorm, mid attention, upsampling convolutions) in
+    `forward_mode` against diffusers' float64 central difference along the same direction."""
+    tm, model, params = kl_pair
+    rng = np.random.default_rng(4)
+    z = model.apply(params, _image(), method="encode").mean
+    v = rng.standard_normal(z.shape)
+    with jax.default_matmul_precision("highest"), forward_mode():
+        decode = lambda a: model.apply(params, a, method="decode")  # noqa: E731
+        _, tangent = jax.jvp(decode, (z,), (jnp.asarray(v, jnp.float32),))
+    tm64, eps = copy.deepcopy(tm).double(), 1e-4
+    with torch.no_grad():
+        run = lambda s: tm64.decode(nchw(np.asarray(z)).double() + s * nchw(v)).sample  # noqa: E731
+        ref = nhwc((run(eps) - run(-eps)) / (2 * eps))
+    assert rel_err(tangent, ref) <= 1e-5, rel_err(tangent, ref)
 
 
 def test_kl_call_samples_and_nll(kl_pair):

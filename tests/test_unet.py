@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from latentdiff import forward_mode
 from latentdiff.models.unet import CONTEXT_KV, UNet, UNetConfig, context_key_values
 from tests.torch_utils import flax_params_from_torch, nchw, nhwc, rel_err
 
@@ -272,6 +273,50 @@ def test_remat_wraps_blocks_without_renaming(cond_ldm):
     plain = remats(UNet(cfg))
     assert plain == 12  # XLA's attention (the CPU's) recomputes its scores: 6 sites x (self, cross)
     assert remats(model) == plain + 12 + 6  # every ResBlock (2+2, 2, 3+3) and attention site (2, 1, 3)
+
+
+def test_forward_mode_matches_torch_central_difference(cond_ldm):
+    """jax.jvp through the UNet in `forward_mode` against the diffusers UNet's float64 central
+    difference along the same direction of x and the context; and the adjoint identity
+    <J v, w> = <v, J^T w> with reverse mode outside it (the norms' and gates' own VJPs)."""
+    cfg, params, (x, t, ctx), _ = cond_ldm
+    tm = _torch_model(diffusers.UNet2DConditionModel, **COND_LDM).double()
+    model = UNet(cfg)
+    rng = np.random.default_rng(5)
+    vx, vc, w = rng.standard_normal(x.shape), rng.standard_normal(ctx.shape), rng.standard_normal(x.shape)
+    f = lambda a, c: model.apply({"params": params}, a, jnp.asarray(t), c)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        with pytest.raises(TypeError, match="forward-mode"):  # the custom VJPs define no JVP
+            jax.jvp(f, (jnp.asarray(x), jnp.asarray(ctx)), (jnp.asarray(vx), jnp.asarray(vc)))
+        with forward_mode():
+            _, tangent = jax.jvp(f, (jnp.asarray(x), jnp.asarray(ctx)),
+                                 (jnp.asarray(vx, jnp.float32), jnp.asarray(vc, jnp.float32)))
+        _, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(ctx))
+        gx, gc = vjp(jnp.asarray(w, jnp.float32))
+    eps = 1e-4
+    with torch.no_grad():
+        run = lambda s: tm(nchw(x).double() + s * nchw(vx), torch.from_numpy(t),  # noqa: E731
+                           encoder_hidden_states=torch.from_numpy(ctx + s * vc)).sample
+        ref = nhwc((run(eps) - run(-eps)) / (2 * eps))
+    assert rel_err(np.asarray(tangent), ref) <= 1e-5, rel_err(np.asarray(tangent), ref)
+    forward = float(np.sum(np.asarray(tangent, np.float64) * w))
+    backward = float(np.sum(np.asarray(gx, np.float64) * vx) + np.sum(np.asarray(gc, np.float64) * vc))
+    assert abs(forward - backward) <= 1e-4 * abs(forward), (forward, backward)
+
+
+def test_forward_mode_takes_xla_attention(monkeypatch):
+    """In `forward_mode`, attention takes XLA's path where cuDNN's (which has no forward mode) would
+    be chosen."""
+    from latentdiff.models import attention as att
+
+    tried = []
+    monkeypatch.setattr(att, "_cudnn_ok", lambda q: True)
+    monkeypatch.setattr(att, "_cudnn_attention", lambda *args: tried.append(1))  # None: XLA's instead
+    q = jnp.ones((1, 8, 2, 8))
+    att.attention(q, q, q)
+    with forward_mode():
+        att.attention(q, q, q)
+    assert tried == [1]
 
 
 def test_call_errors(cond_ldm):

@@ -4,12 +4,13 @@
 `jax.nn.dot_product_attention`: cuDNN's fused flash attention on a GPU when the compute dtype is
 bf16/fp16 and the head size allows it, XLA otherwise (softmax in float32 either way). XLA's
 attention recomputes its scores in the backward pass, as flash attention does, instead of keeping
-them (`_xla_attention`).
+them (`_xla_attention`). In `layers.forward_mode` it takes XLA's path, which has a forward-mode
+derivative (cuDNN's has none).
 """
 import jax
 import jax.numpy as jnp
 
-from latentdiff.models.layers import dense
+from latentdiff.models.layers import dense, in_forward_mode
 
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _CUDNN_MAX_HEAD_DIM = 256
@@ -61,14 +62,14 @@ def _cudnn_attention(q, k, v, scale, kv_length):
 def attention(q, k, v, scale=None, implementation=None, kv_length=None):
     """Softmax attention over (B, T, H, D) inputs; returns (B, T, H, D) in q's dtype.
 
-    `implementation` is None (automatic), 'cudnn' or 'xla'; 'cudnn' falls back to XLA, which
-    computes the same thing, where cuDNN refuses the shapes. `kv_length`: only the first kv_length
+    `implementation` is None (automatic: 'xla' in `layers.forward_mode`), 'cudnn' or 'xla'; 'cudnn'
+    falls back to XLA, which computes the same thing, where cuDNN refuses the shapes. `kv_length`: only the first kv_length
     keys and values count (the rest pad them, `pad_length`); None: all of them.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if implementation is None:
-        implementation = "cudnn" if _cudnn_ok(q) else "xla"
+        implementation = "cudnn" if _cudnn_ok(q) and not in_forward_mode() else "xla"
     if implementation == "cudnn":
         out = _cudnn_attention(q, k, v, scale, kv_length)
         if out is not None:

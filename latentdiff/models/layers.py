@@ -44,11 +44,62 @@ def gathering(cls, remat=False):
     return nn.remat(cls) if remat else cls
 
 
+_FORWARD_MODE = contextvars.ContextVar("latentdiff_forward_mode", default=False)
+
+
+@contextlib.contextmanager
+def forward_mode():
+    """Models traced in this context support forward-mode autodiff (`jax.jvp`, `jax.linearize`):
+    the norms, GELU and GEGLU's gate run as plain functions instead of through their custom VJPs
+    (`lean_vjp`), and attention takes XLA's path (cuDNN's defines no forward mode). Reverse mode
+    works in it too, keeping whatever JAX's own rules keep for the backward pass."""
+    token = _FORWARD_MODE.set(True)
+    try:
+        yield
+    finally:
+        _FORWARD_MODE.reset(token)
+
+
+def in_forward_mode():
+    """Whether a `forward_mode` context is active."""
+    return _FORWARD_MODE.get()
+
+
+def lean_vjp(fwd, bwd, nondiff_argnums=()):
+    """Decorator: the function with the VJP (`fwd`, `bwd`) that training uses, which keeps only what
+    `fwd` saves (a bf16 input, per-group statistics) and recomputes the rest in the backward pass.
+    A custom VJP has no forward mode, so in `forward_mode` the function runs as written instead."""
+    def wrap(fn):
+        lean = jax.custom_vjp(fn, nondiff_argnums=nondiff_argnums)
+        lean.defvjp(fwd, bwd)
+
+        @functools.wraps(fn)
+        def dispatch(*args):
+            return fn(*args) if _FORWARD_MODE.get() else lean(*args)
+        return dispatch
+    return wrap
+
+
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
-@jax.custom_vjp
+def _gelu_parts(x32):
+    """Phi(x) and phi(x), the normal CDF and density: GELU = x Phi(x), GELU' = Phi(x) + x phi(x)."""
+    return 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF)), jnp.exp(-0.5 * jnp.square(x32)) * _INV_SQRT_2PI
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    cdf, pdf = _gelu_parts(x32)
+    return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
+
+
+@lean_vjp(_gelu_fwd, _gelu_bwd)
 def gelu(x):
     """Exact GELU as torch computes it, 0.5 x (1 + erf(x / sqrt 2)), in float32, cast back.
 
@@ -58,32 +109,6 @@ def gelu(x):
     """
     x32 = x.astype(jnp.float32)
     return (0.5 * x32 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))).astype(x.dtype)
-
-
-def _gelu_fwd(x):
-    return gelu(x), x
-
-
-def _gelu_parts(x32):
-    """Phi(x) and phi(x), the normal CDF and density: GELU = x Phi(x), GELU' = Phi(x) + x phi(x)."""
-    return 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF)), jnp.exp(-0.5 * jnp.square(x32)) * _INV_SQRT_2PI
-
-
-def _gelu_bwd(x, g):
-    x32 = x.astype(jnp.float32)
-    cdf, pdf = _gelu_parts(x32)
-    return ((g.astype(jnp.float32) * (cdf + x32 * pdf)).astype(x.dtype),)
-
-
-gelu.defvjp(_gelu_fwd, _gelu_bwd)
-
-
-@jax.custom_vjp
-def geglu(h):
-    """GEGLU's gate: value * gelu(gate) for h = [value | gate] (last axis). Training keeps h alone
-    (not the halves or gelu(gate) besides it) and recomputes the rest in the backward pass."""
-    value, gate = jnp.split(h, 2, axis=-1)
-    return value * gelu(gate)
 
 
 def _geglu_fwd(h):
@@ -97,7 +122,12 @@ def _geglu_bwd(h, g):
     return (jnp.concatenate([g32 * gate * cdf, g32 * value * (cdf + gate * pdf)], axis=-1).astype(h.dtype),)
 
 
-geglu.defvjp(_geglu_fwd, _geglu_bwd)
+@lean_vjp(_geglu_fwd, _geglu_bwd)
+def geglu(h):
+    """GEGLU's gate: value * gelu(gate) for h = [value | gate] (last axis). Training keeps h alone
+    (not the halves or gelu(gate) besides it) and recomputes the rest in the backward pass."""
+    value, gate = jnp.split(h, 2, axis=-1)
+    return value * gelu(gate)
 
 
 def _group_stats(x32, shift, groups, eps):
@@ -138,20 +168,6 @@ def _group_norm_core(x, shift, scale, bias, groups, eps, silu, dtype):
     return y.reshape(x.shape).astype(dtype), (mean, rstd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def group_norm(x, shift, scale, bias, groups, eps, silu, dtype):
-    """GroupNorm of x + shift (x (b, ..., c); shift (b, c), broadcast over space, or None) in
-    float32 with float32 `scale`, `bias` (c,), then SiLU if `silu`, returned in `dtype`. The
-    statistics are per-channel sums over space (one read of x, no transpose of the grouped axes),
-    pooled per group; the normalisation is one per-channel scale and shift that XLA fuses with what
-    follows. The shift (a ResBlock's timestep embedding) enters the sums and the normalisation's
-    offset, so x + shift is never written out: as an addition, XLA fused it into the convolution
-    before as cuDNN's side input, which took the shift broadcast to x's full size. The gradient is
-    recomputed from x and the per-group statistics, so training keeps x (in its own dtype) and
-    nothing in float32."""
-    return _group_norm_core(x, shift, scale, bias, groups, eps, silu, dtype)[0]
-
-
 def _group_norm_fwd(x, shift, scale, bias, groups, eps, silu, dtype):
     y, (mean, rstd) = _group_norm_core(x, shift, scale, bias, groups, eps, silu, dtype)
     return y, (x, shift, scale, bias, mean, rstd)
@@ -179,7 +195,18 @@ def _group_norm_bwd(groups, eps, silu, dtype, res, g):
     return dx.reshape(x.shape).astype(x.dtype), dshift, jnp.sum(sum_gx, axis=0), jnp.sum(sum_g, axis=0)
 
 
-group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+@lean_vjp(_group_norm_fwd, _group_norm_bwd, nondiff_argnums=(4, 5, 6, 7))
+def group_norm(x, shift, scale, bias, groups, eps, silu, dtype):
+    """GroupNorm of x + shift (x (b, ..., c); shift (b, c), broadcast over space, or None) in
+    float32 with float32 `scale`, `bias` (c,), then SiLU if `silu`, returned in `dtype`. The
+    statistics are per-channel sums over space (one read of x, no transpose of the grouped axes),
+    pooled per group; the normalisation is one per-channel scale and shift that XLA fuses with what
+    follows. The shift (a ResBlock's timestep embedding) enters the sums and the normalisation's
+    offset, so x + shift is never written out: as an addition, XLA fused it into the convolution
+    before as cuDNN's side input, which took the shift broadcast to x's full size. The gradient is
+    recomputed from x and the per-group statistics, so training keeps x (in its own dtype) and
+    nothing in float32."""
+    return _group_norm_core(x, shift, scale, bias, groups, eps, silu, dtype)[0]
 
 
 def _norm_params(module, channels):
@@ -211,13 +238,6 @@ def _layer_norm_core(x, scale, bias, eps, dtype):
     return ((x32 - mean) * rstd * scale + bias).astype(dtype), (mean, rstd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def layer_norm(x, scale, bias, eps, dtype):
-    """LayerNorm over the last axis in float32, returned in `dtype`; like `group_norm`, its
-    gradient is recomputed from x and the per-row statistics (no float32 residuals)."""
-    return _layer_norm_core(x, scale, bias, eps, dtype)[0]
-
-
 def _layer_norm_fwd(x, scale, bias, eps, dtype):
     y, (mean, rstd) = _layer_norm_core(x, scale, bias, eps, dtype)
     return y, (x, scale, mean, rstd)
@@ -233,7 +253,11 @@ def _layer_norm_bwd(eps, dtype, res, g):
     return dx.astype(x.dtype), jnp.sum(g32 * xhat, axis=lead), jnp.sum(g32, axis=lead)
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+@lean_vjp(_layer_norm_fwd, _layer_norm_bwd, nondiff_argnums=(3, 4))
+def layer_norm(x, scale, bias, eps, dtype):
+    """LayerNorm over the last axis in float32, returned in `dtype`; like `group_norm`, its
+    gradient is recomputed from x and the per-row statistics (no float32 residuals)."""
+    return _layer_norm_core(x, scale, bias, eps, dtype)[0]
 
 
 class LayerNorm(nn.Module):
