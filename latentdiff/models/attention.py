@@ -63,8 +63,8 @@ def attention(q, k, v, scale=None, implementation=None, kv_length=None):
     """Softmax attention over (B, T, H, D) inputs; returns (B, T, H, D) in q's dtype.
 
     `implementation` is None (automatic: 'xla' in `layers.forward_mode`), 'cudnn' or 'xla'; 'cudnn'
-    falls back to XLA, which computes the same thing, where cuDNN refuses the shapes. `kv_length`: only the first kv_length
-    keys and values count (the rest pad them, `pad_length`); None: all of them.
+    falls back to XLA, which computes the same thing, where cuDNN refuses the shapes. `kv_length`:
+    only the first kv_length keys and values count (the rest pad them, `pad_length`); None: all of them.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5

@@ -52,7 +52,8 @@ def forward_mode():
     """Models traced in this context support forward-mode autodiff (`jax.jvp`, `jax.linearize`):
     the norms, GELU and GEGLU's gate run as plain functions instead of through their custom VJPs
     (`lean_vjp`), and attention takes XLA's path (cuDNN's defines no forward mode). Reverse mode
-    works in it too, keeping whatever JAX's own rules keep for the backward pass."""
+    works in it too, keeping whatever JAX's own rules keep for the backward pass. It acts where a
+    model is traced: a function jitted and traced outside it keeps the custom VJPs in its cache."""
     token = _FORWARD_MODE.set(True)
     try:
         yield
