@@ -378,12 +378,16 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        dtype = self.dtype or jnp.result_type(x, self.param_dtype)
-        y = cast_in_backward(lambda a, w: jax.lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ()))),
-                             x, kernel, dtype)
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
-        return y
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        return dense_apply(x, kernel, bias, self.dtype or jnp.result_type(x, self.param_dtype))
+
+
+def dense_apply(x, kernel, bias, dtype):
+    """x @ kernel (+ bias) over the last axis in `dtype`, the kernel's cast recomputed in the backward
+    pass (`cast_in_backward`)."""
+    y = cast_in_backward(lambda a, w: jax.lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ()))),
+                         x, kernel, dtype)
+    return y if bias is None else y + bias.astype(dtype)
 
 
 def dense(features, *, dtype, param_dtype, name, use_bias=True, zero_init=False):
