@@ -170,9 +170,12 @@ def tiles_for(m):
 
 
 def _kernel_ok(x, kernel, dtype):
-    """Whether the kernel can run here: a Hopper GPU, bf16 compute, shapes that split into its tiles."""
+    """Whether the kernel can run here: one Hopper GPU, bf16 compute, shapes that split into its tiles.
+    With several devices a program's batch may be sharded, and XLA cannot partition the kernel's custom
+    call (it would gather the operands): not before a `shard_map` around it."""
     device = jax.devices()[0]
-    if device.platform != "gpu" or getattr(device, "compute_capability", "") != "9.0":
+    if (jax.device_count() != 1 or device.platform != "gpu"
+            or getattr(device, "compute_capability", "") != "9.0"):
         return False
     m = x.size // x.shape[-1]
     return jnp.dtype(dtype) == jnp.bfloat16 and fits(m, x.shape[-1], kernel.shape[1], tiles_for(m))
