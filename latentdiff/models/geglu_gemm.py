@@ -5,12 +5,12 @@ projection (twice the output's size) is neither written to memory nor read back 
 XLA's GEMM and its elementwise gate do (at the txt2img UNet's level 0 in the guided sampling loop:
 97 us of GEMM and 71 us of gate, BENCHMARKS.md, session 18).
 
-Layout: each compute warpgroup accumulates a tile of `rows` x 128 columns of the projection whose first
-64 columns are values and last 64 their gates, so the weight's columns are reordered once
-(`pair_columns`) into blocks of [64 values | the same 64 gates]. The kernel is persistent (one CTA per
-SM, walking the output tiles), warp-specialized (a memory warpgroup streams x and w through shared
-memory with TMA; two compute warpgroups run WGMMA), and its epilogue adds the bias, applies the exact
-(erf) GELU in float32 and writes the output through shared memory with TMA.
+Layout: each compute warpgroup accumulates, for `rows` rows, 64 value columns and the same 64 columns
+of the gates in two accumulators, read from the weight where they are (the values' block and the gates'
+block I columns further), so the weight is used as stored. The kernel is persistent (one CTA per SM,
+walking the output tiles), warp-specialized (a memory warpgroup streams x and both weight blocks through
+shared memory with TMA; two compute warpgroups run WGMMA), and its epilogue adds the bias, applies the
+exact (erf) GELU in float32 and writes the output through shared memory with TMA.
 """
 import dataclasses
 import functools
@@ -20,15 +20,35 @@ import jax.numpy as jnp
 
 from latentdiff.models.layers import dense_apply, geglu, in_forward_mode
 
-HALF = 64  # output columns per warpgroup tile (its accumulator: 64 values, then their 64 gates)
+HALF = 64  # output columns per warpgroup tile (two accumulators: 64 values and their 64 gates)
 EPI_ROWS = 64  # rows per epilogue store
 _SQRT_HALF = 0.7071067811865476
+# erf in float32 as x * P(x^2) / Q(x^2) on [-4, 4] (the rational form XLA and Eigen use; within 5e-7 of
+# lax.erf): Mosaic GPU's Warpgroup lowering has no layout rule for math.erf.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _horner(coefficients, x):
+    out = coefficients[0]
+    for c in coefficients[1:]:
+        out = out * x + c
+    return out
+
+
+def erf(x):
+    """float32 erf from multiplies, adds and one division (see _ERF_P)."""
+    x = jnp.minimum(jnp.maximum(x, -4.0), 4.0)
+    x2 = x * x
+    return x * _horner(_ERF_P, x2) / _horner(_ERF_Q, x2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """The kernel's tiling. `split`: the CTA's two compute warpgroups take different rows ("m") or
-    different column pairs ("n"); `group`: tiles are visited in runs of `group` along the minor
+    different 64-column blocks ("n"); `group`: tiles are visited in runs of `group` along the minor
     dimension `minor` ("m" or "n"), for L2 reuse of the operand shared by a run."""
 
     rows: int = 128
@@ -39,27 +59,14 @@ class Tiles:
     group: int = 8
 
     def cta(self):
-        """(rows, projection columns) of one CTA tile."""
-        return (self.rows * (2 if self.split == "m" else 1), 2 * HALF * (2 if self.split == "n" else 1))
-
-
-def pair_columns(w, b):
-    """w (K, 2I), b (2I,) with the values' columns first and the gates' after -> the same values with
-    the columns in blocks of [64 values | their 64 gates], as the kernel's warpgroup tiles hold them."""
-    k, two_i = w.shape
-    i = two_i // 2
-    if i % HALF:
-        raise ValueError(f"GEGLU width {i} is not a multiple of {HALF}")
-    blocks = lambda a: a.reshape(*a.shape[:-1], i // HALF, HALF)  # noqa: E731
-    wp = jnp.stack([blocks(w[:, :i]), blocks(w[:, i:])], axis=-2).reshape(k, two_i)
-    bp = jnp.stack([blocks(b[:i]), blocks(b[i:])], axis=-2).reshape(two_i)
-    return wp, bp
+        """(rows, value columns) of one CTA tile (it reads as many gate columns)."""
+        return (self.rows * (2 if self.split == "m" else 1), HALF * (2 if self.split == "n" else 1))
 
 
 def fits(m, k, two_i, tiles=Tiles()):
     """Whether x (m, k) @ w (k, two_i) splits into the kernel's tiles."""
     cta_rows, cta_cols = tiles.cta()
-    return m % cta_rows == 0 and two_i % cta_cols == 0 and k % tiles.depth == 0
+    return m % cta_rows == 0 and (two_i // 2) % cta_cols == 0 and k % tiles.depth == 0 and two_i % 2 == 0
 
 
 def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, tiles):
@@ -67,8 +74,9 @@ def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, tiles):
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m, k = x_gmem.shape
+    width = w_gmem.shape[1] // 2  # the gates' columns start here
     cta_rows, cta_cols = tiles.cta()
-    m_tiles, n_tiles, steps = m // cta_rows, w_gmem.shape[1] // cta_cols, k // tiles.depth
+    m_tiles, n_tiles, steps = m // cta_rows, width // cta_cols, k // tiles.depth
     item = jnp.dtype(x_gmem.dtype).itemsize
     swizzle = plgpu.find_swizzle(tiles.depth * item * 8)
     operand = (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
@@ -76,20 +84,20 @@ def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, tiles):
     out_swizzle = plgpu.find_swizzle(HALF * out_item * 8)
     stored = (plgpu.TilingTransform((8, out_swizzle // out_item)), plgpu.SwizzleTransform(out_swizzle))
     by_rows = tiles.split == "m"
+    w_spec = plgpu.BlockSpec((tiles.depth, cta_cols), lambda s: (s, 0), transforms=operand,
+                             memory_space=plgpu.SMEM)
 
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
             body, grid=(steps,), memory_registers=40, max_concurrent_steps=tiles.stages,
             in_specs=[plgpu.BlockSpec((cta_rows, tiles.depth), lambda s: (0, s), transforms=operand,
-                                      memory_space=plgpu.SMEM),
-                      plgpu.BlockSpec((tiles.depth, cta_cols), lambda s: (s, 0), transforms=operand,
-                                      memory_space=plgpu.SMEM)],
+                                      memory_space=plgpu.SMEM), w_spec, w_spec],
             wg_axis="wg", num_compute_wgs=2, compute_context=context)
 
     nothing = lambda *_, **__: None  # noqa: E731  (the allocations do not depend on the bodies)
 
     @functools.partial(pl.run_scoped,
-                       buffers=pipeline(nothing, nothing).get_allocations(x_gmem, w_gmem),
+                       buffers=pipeline(nothing, nothing).get_allocations(x_gmem, w_gmem, w_gmem),
                        out_smem=plgpu.SMEM((2, 2, EPI_ROWS, HALF), out_gmem.dtype, transforms=stored),
                        bias_smem=plgpu.SMEM((2, 2, EPI_ROWS, HALF), out_gmem.dtype, transforms=stored),
                        bias_ready=plgpu.Barrier(num_barriers=4),
@@ -103,70 +111,73 @@ def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, tiles):
             m_idx, n_idx = plgpu.planar_snake(lin, (m_tiles, n_tiles), 0 if tiles.minor == "m" else 1,
                                               tiles.group)
             row0 = m_idx * cta_rows + (wg * tiles.rows if by_rows else 0)
-            pair = n_idx * (cta_cols // (2 * HALF)) + (0 if by_rows else wg)  # this warpgroup's block
+            col0 = n_idx * cta_cols + (0 if by_rows else wg * HALF)  # this warpgroup's value columns
 
             def context(run):
-                for half in (0, 1):  # the bias rows of the values, then of the gates, fetched early
-                    plgpu.copy_gmem_to_smem(b_gmem.at[:, pl.ds((2 * pair + half) * HALF, HALF)],
-                                            bias_smem.at[wg, half], bias_ready.at[2 * wg + half])
+                for half, col in enumerate((col0, width + col0)):  # the bias rows, fetched early
+                    plgpu.copy_gmem_to_smem(b_gmem.at[:, pl.ds(col, HALF)], bias_smem.at[wg, half],
+                                            bias_ready.at[2 * wg + half])
 
-                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tiles.rows, 2 * HALF), jnp.float32))
-                def _acc(acc_ref):
-                    run(acc_ref)
-                    acc = acc_ref[...]
+                @functools.partial(pl.run_scoped, value_ref=plgpu.ACC((tiles.rows, HALF), jnp.float32),
+                                   gate_ref=plgpu.ACC((tiles.rows, HALF), jnp.float32))
+                def _acc(value_ref, gate_ref):
+                    run((value_ref, gate_ref))
+                    values, gates = value_ref[...], gate_ref[...]
                     for half in (0, 1):
                         plgpu.barrier_wait(bias_ready.at[2 * wg + half])
                     for r in range(tiles.rows // EPI_ROWS):
                         rows = slice(r * EPI_ROWS, (r + 1) * EPI_ROWS)
-                        value = acc[rows, :HALF] + bias_smem[wg, 0].astype(jnp.float32)
-                        gate = acc[rows, HALF:] + bias_smem[wg, 1].astype(jnp.float32)
-                        y = value * (0.5 * gate * (1.0 + jax.lax.erf(gate * _SQRT_HALF)))
+                        value = values[rows] + bias_smem[wg, 0].astype(jnp.float32)
+                        gate = gates[rows] + bias_smem[wg, 1].astype(jnp.float32)
+                        y = value * (0.5 * gate * (1.0 + erf(gate * _SQRT_HALF)))
                         slot = r % 2
                         plgpu.wait_smem_to_gmem(1, wait_read_only=True)
                         out_smem[wg, slot] = y.astype(out_gmem.dtype)
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(out_smem.at[wg, slot],
                                                 out_gmem.at[pl.ds(row0 + r * EPI_ROWS, EPI_ROWS),
-                                                            pl.ds(pair * HALF, HALF)])
+                                                            pl.ds(col0, HALF)])
 
-            def mma(_, x_smem, w_smem, acc_ref):
+            def mma(_, x_smem, value_smem, gate_smem, accs):
                 x_rows = x_smem.at[pl.ds(wg * tiles.rows, tiles.rows)] if by_rows else x_smem
-                w_cols = w_smem if by_rows else w_smem.at[:, pl.ds(wg * 2 * HALF, 2 * HALF)]
-                plgpu.wgmma(acc_ref, x_rows, w_cols)
+                for acc, w_smem in zip(accs, (value_smem, gate_smem)):
+                    plgpu.wgmma(acc, x_rows, w_smem if by_rows else w_smem.at[:, pl.ds(wg * HALF, HALF)])
                 plgpu.wgmma_wait(0)
-                return acc_ref
+                return accs
 
-            pipeline(mma, context)(x_gmem.at[pl.ds(m_idx * cta_rows, cta_rows), :],
-                                   w_gmem.at[:, pl.ds(n_idx * cta_cols, cta_cols)], allocations=buffers)
+            cols = lambda start: w_gmem.at[:, pl.ds(start, cta_cols)]  # noqa: E731
+            pipeline(mma, context)(x_gmem.at[pl.ds(m_idx * cta_rows, cta_rows), :], cols(n_idx * cta_cols),
+                                   cols(width + n_idx * cta_cols), allocations=buffers)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def geglu_matmul(x, w_paired, b_paired, tiles=Tiles(), *, sms=None, interpret=None):
-    """value * gelu(gate) of x (m, k) @ w_paired (k, 2I) + b_paired (2I,) (`pair_columns` order) ->
-    (m, I) in x's dtype. `sms`: CTAs to launch (default: the device's SM count); `interpret`:
-    Pallas' GPU interpreter parameters, to run on a CPU."""
+def geglu_matmul(x, w, b, tiles=Tiles(), *, sms=None, interpret=None):
+    """value * gelu(gate) of [value | gate] = x (m, k) @ w (k, 2I) + b (2I,) -> (m, I) in x's dtype.
+    `sms`: CTAs to launch (default: the device's SM count); `interpret`: Pallas' GPU interpreter
+    parameters, to run on a CPU."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m, k = x.shape
-    two_i = w_paired.shape[1]
+    two_i = w.shape[1]
     if not fits(m, k, two_i, tiles):
-        raise ValueError(f"x {x.shape} @ w {w_paired.shape} does not split into {tiles}")
+        raise ValueError(f"x {x.shape} @ w {w.shape} does not split into {tiles}")
     if sms is None:
         sms = jax.devices()[0].core_count
-    bias_rows = jnp.broadcast_to(b_paired.astype(x.dtype)[None], (EPI_ROWS, two_i))
+    bias_rows = jnp.broadcast_to(b.astype(x.dtype)[None], (EPI_ROWS, two_i))
     call = plgpu.kernel(functools.partial(_kernel, tiles=tiles),
                         out_type=jax.ShapeDtypeStruct((m, two_i // 2), x.dtype),
                         grid=(sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
                         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
                         interpret=interpret)
-    return call(x, w_paired.astype(x.dtype), bias_rows)
+    return call(x, w.astype(x.dtype), bias_rows)
 
 
 def tiles_for(m):
-    """The tiling for m rows (session 18's probe of the plain GEMM: warpgroups split the rows at the
-    UNet's level 0, the column pairs deeper)."""
-    return Tiles(split="m") if m >= 16384 else Tiles(split="n", minor="n")
+    """The tiling for m rows, the best of 16 timed on an H200 at the txt2img UNet's four shapes (session 19):
+    the warpgroups split the rows at level 0 (32,768 rows), the column blocks deeper, where the tiles
+    are visited in runs of 8 along the rows."""
+    return Tiles(split="m") if m >= 16384 else Tiles(split="n", minor="m")
 
 
 def _kernel_ok(x, kernel, dtype):
@@ -187,9 +198,8 @@ def _xla_path(x, kernel, bias, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fused(x, kernel, bias, dtype):
-    wp, bp = pair_columns(kernel.astype(dtype), bias.astype(jnp.float32))
     flat = x.reshape(-1, x.shape[-1]).astype(dtype)
-    return geglu_matmul(flat, wp, bp, tiles_for(flat.shape[0])).reshape(*x.shape[:-1], -1)
+    return geglu_matmul(flat, kernel, bias, tiles_for(flat.shape[0])).reshape(*x.shape[:-1], -1)
 
 
 def _fused_fwd(x, kernel, bias, dtype):  # differentiated: XLA's GEMM and the gate's own VJP
