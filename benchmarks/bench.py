@@ -28,6 +28,8 @@ reference FLOP counts for the full-size UNets and XLA's count otherwise, against
   bf16_vs_torch   the same for the txt2img UNet and diffusers' with torch autocast, on the same weights
                   (diffusers' random init) and inputs: how our bf16 error compares with torch's
                   (needs torch and diffusers; run by --peer without --cases, or named in --cases)
+  kernel_check    our GPU kernels against XLA on the same inputs (GEGLU's projection and gate in one
+                  kernel, at the txt2img UNet's four shapes): largest difference, microseconds of each
 
 The real code paths run: `ldm_step.train_step` (AdamW, EMA, finite guard), the autoencoder loop's
 step, and `LatentDiffusionPipeline.__call__` (tokenising, device transfer and the uint8 images).
@@ -45,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CASES = ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1", "sample_b16",
-         "sample_b64", "sample_loop_b1", "sample_loop_b16", "bf16_check")
+         "sample_b64", "sample_loop_b1", "sample_loop_b16", "bf16_check", "kernel_check")
 # the peer cases that `peer_models.py` (beside this file) runs: its function, model and batch, and our case
 OWN_PEERS = {"peer_train_cin256": ("bench_train", "cin256", 64, "train_cin256"),
              "peer_train_kl_f8": ("bench_train_autoencoder", "kl_f8", 8, "train_kl_f8")}
@@ -452,6 +454,46 @@ def bf16_check_case(args):
                 image_rel_err=_rel_err(images["bfloat16"], images["float32"]))
 
 
+# The GEGLU projections of the txt2img UNet's guided sampling loop at batch 16: rows, input width, output width.
+GEGLU_SHAPES = ((32768, 320, 1280), (8192, 640, 2560), (2048, 1280, 5120), (512, 1280, 5120))
+
+
+def kernel_check_case(args):
+    """Our GPU kernels against XLA on the same inputs: GEGLU's projection and gate in one kernel
+    (`models/geglu_gemm.py`) against XLA's GEMM and gate, at the txt2img UNet's shapes in bf16: the
+    largest difference over the largest value, and microseconds of each. Smoke: one small shape in
+    Pallas' GPU interpreter (no time)."""
+    import jax
+    import jax.numpy as jnp
+
+    from latentdiff.models import geglu_gemm
+
+    kernel = geglu_gemm.geglu_matmul
+    shapes = GEGLU_SHAPES
+    if args.smoke:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        kernel, shapes = functools.partial(kernel, sms=2, interpret=InterpretGPUParams()), ((256, 64, 128),)
+    rows = []
+    for m, k, i in shapes:
+        keys = jax.random.split(jax.random.key(m), 3)
+        x = jax.random.normal(keys[0], (m, k), jnp.bfloat16)
+        w = (jax.random.normal(keys[1], (k, 2 * i)) / k ** 0.5).astype(jnp.bfloat16)
+        b = jax.random.normal(keys[2], (2 * i,)).astype(jnp.bfloat16)
+        tiles = geglu_gemm.tiles_for(m)
+        programs = {"xla": jax.jit(lambda x, w, b: geglu_gemm._xla_path(x, w, b, jnp.bfloat16)),
+                    "kernel": jax.jit(lambda x, w, b: kernel(x, w, b, tiles))}
+        outs = {name: f(x, w, b).astype(jnp.float32) for name, f in programs.items()}
+        row = dict(shape=[m, k, i], rel_err=float(jnp.max(jnp.abs(outs["kernel"] - outs["xla"]))
+                                                  / jnp.max(jnp.abs(outs["xla"]))))
+        if not args.smoke:
+            for name, f in programs.items():
+                row[f"{name}_us"] = round(1e6 * _median_time(lambda: f(x, w, b).block_until_ready(),
+                                                             args.warmup, max(args.reps, 20)), 1)
+        rows.append(row)
+    return dict(geglu=rows, max_rel_err=max(r["rel_err"] for r in rows))
+
+
 # The txt2img UNet as diffusers builds it (the peer's model); smoke: two small levels.
 TXT2IMG_DIFFUSERS = dict(in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
                          down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -576,6 +618,8 @@ def run_case(name, args):
         out = bf16_check_case(args)
     elif name == "bf16_vs_torch":
         out = bf16_vs_torch_case(args)
+    elif name == "kernel_check":
+        out = kernel_check_case(args)
     else:
         raise SystemExit(f"unknown case {name!r}; one of {CASES + TORCH_CASES + PEER_CASES}")
     out["peak_mem_gib"] = _peak_memory_gib()
@@ -603,6 +647,11 @@ def table(rows):
         if r["case"] == "bf16_check":
             lines.append(f"| bf16_check | UNet rel err {r['unet_rel_err']:.2e}, image rel err "
                          f"{r['image_rel_err']:.2e} |  |  |  |  |  |  |")
+            continue
+        if r["case"] == "kernel_check":
+            times = ", ".join(f"{g['kernel_us']} / {g['xla_us']}" for g in r["geglu"] if "kernel_us" in g)
+            lines.append(f"| kernel_check | GEGLU kernel against XLA: max rel diff {r['max_rel_err']:.1e}"
+                         + (f"; us {times}" if times else "") + " |  |  |  |  |  |  |")
             continue
         if r["case"] == "bf16_vs_torch":
             lines.append(f"| bf16_vs_torch | UNet rel err {r['ours_rel_err']:.2e} (fp32 vs torch "

@@ -16,7 +16,8 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == {"train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8", "sample_b1",
-                         "sample_b16", "sample_b64", "sample_loop_b1", "sample_loop_b16", "bf16_check"}
+                         "sample_b16", "sample_b64", "sample_loop_b1", "sample_loop_b16", "bf16_check",
+                         "kernel_check"}
     for case in ("train_txt2img", "train_txt2img_no_ema", "train_cin256", "train_kl_f8"):
         assert rows[case]["img_per_s"] > 0 and rows[case]["step_s"] > 0
         assert rows[case]["tflops_per_s"] > 0  # XLA's cost analysis of the compiled step
@@ -38,6 +39,8 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
     assert rows["bf16_check"]["unet_rel_err"] < 1e-2
     assert rows["bf16_check"]["image_rel_err"] < 1e-2
     assert "| train_txt2img |" in proc.stdout and "| bf16_check |" in proc.stdout
+    # the GEGLU kernel (Pallas' GPU interpreter here) against XLA's GEMM and gate: bf16 rounding apart
+    assert 0 < rows["kernel_check"]["max_rel_err"] < 1e-2 and "| kernel_check |" in proc.stdout
     # --profile traced one timed call of each timed case (the CPU has no device kernels to count)
     for case in ("train_txt2img", "train_kl_f8", "sample_b1"):
         assert rows[case]["profile"]["kernels"] == 0
