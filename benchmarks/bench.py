@@ -468,7 +468,7 @@ def kernel_check_case(args):
 
     from latentdiff.models import geglu_gemm
 
-    if not args.smoke and getattr(jax.devices()[0], "compute_capability", "") != "9.0":
+    if not args.smoke and not geglu_gemm.hopper_gpu(jax.devices()[0]):
         return dict(skipped="the kernels are for Hopper GPUs")
     kernel = geglu_gemm.geglu_matmul
     shapes = GEGLU_SHAPES

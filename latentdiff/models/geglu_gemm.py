@@ -18,11 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from latentdiff.models.layers import dense_apply, geglu, in_forward_mode
+from latentdiff.models.layers import _SQRT_HALF, dense_apply, geglu, in_forward_mode
 
 HALF = 64  # output columns per warpgroup tile (two accumulators: 64 values and their 64 gates)
 EPI_ROWS = 64  # rows per epilogue store
-_SQRT_HALF = 0.7071067811865476
 # erf in float32 as x * P(x^2) / Q(x^2) on [-4, 4] (the rational form XLA and Eigen use; within 5e-7 of
 # lax.erf): Mosaic GPU's Warpgroup lowering has no layout rule for math.erf.
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -183,13 +182,16 @@ def tiles_for(m):
     return Tiles(split="m") if m >= 16384 else Tiles(split="n", minor="m")
 
 
+def hopper_gpu(device):
+    """Whether `device` is a Hopper GPU (compute capability 9.0), where the kernel compiles."""
+    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
+
+
 def _kernel_ok(x, kernel, dtype):
     """Whether the kernel can run here: one Hopper GPU, bf16 compute, shapes that split into its tiles.
     With several devices a program's batch may be sharded, and XLA cannot partition the kernel's custom
     call (it would gather the operands): not before a `shard_map` around it."""
-    device = jax.devices()[0]
-    if (jax.device_count() != 1 or device.platform != "gpu"
-            or getattr(device, "compute_capability", "") != "9.0"):
+    if jax.device_count() != 1 or not hopper_gpu(jax.devices()[0]):
         return False
     m = x.size // x.shape[-1]
     return jnp.dtype(dtype) == jnp.bfloat16 and fits(m, x.shape[-1], kernel.shape[1], tiles_for(m))

@@ -7,7 +7,7 @@ that its checkpoints convert by rule (see `latentdiff.convert.torch_names`).
 import contextlib
 import contextvars
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -364,9 +364,19 @@ def upsample_conv(x, kernel):
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, out)  # (b, h, 2 a, w, 2 b, out)
 
 
+def dense_apply(x, kernel, bias, dtype):
+    """x @ kernel (+ bias) over the last axis in `dtype`, the kernel's cast recomputed in the backward
+    pass (`cast_in_backward`)."""
+    y = cast_in_backward(lambda a, w: jax.lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ()))),
+                         x, kernel, dtype)
+    return y if bias is None else y + bias.astype(dtype)
+
+
 class Dense(nn.Module):
     """x @ kernel (+ bias) over the last axis, kernel stored (in, out) as flax's nn.Dense, its
-    compute-dtype cast recomputed in the backward pass (`cast_in_backward`)."""
+    compute-dtype cast recomputed in the backward pass (`cast_in_backward`). `product`: the function
+    of (x, kernel, bias, dtype) that computes it, `dense_apply`, or one that also computes what follows
+    (GEGLU's gate: `geglu_gemm.gated_projection`)."""
 
     features: int
     use_bias: bool = True
@@ -374,20 +384,13 @@ class Dense(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
+    product: Callable = dense_apply
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-        return dense_apply(x, kernel, bias, self.dtype or jnp.result_type(x, self.param_dtype))
-
-
-def dense_apply(x, kernel, bias, dtype):
-    """x @ kernel (+ bias) over the last axis in `dtype`, the kernel's cast recomputed in the backward
-    pass (`cast_in_backward`)."""
-    y = cast_in_backward(lambda a, w: jax.lax.dot_general(a, w, (((a.ndim - 1,), (0,)), ((), ()))),
-                         x, kernel, dtype)
-    return y if bias is None else y + bias.astype(dtype)
+        return self.product(x, kernel, bias, self.dtype or jnp.result_type(x, self.param_dtype))
 
 
 def dense(features, *, dtype, param_dtype, name, use_bias=True, zero_init=False):

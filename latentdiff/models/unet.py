@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from latentdiff.models.attention import key_values, multihead, pad_length
 from latentdiff.models.geglu_gemm import gated_projection
-from latentdiff.models.layers import (GroupNorm, LayerNorm, gathering, avg_pool2, conv, dense,
+from latentdiff.models.layers import (Dense, GroupNorm, LayerNorm, gathering, avg_pool2, conv, dense,
                                       timestep_embedding, upsample_nearest)
 
 Dtype = Any
@@ -482,24 +482,9 @@ class CrossAttention(nn.Module):
                          kv_length=length, **kw)
 
 
-class GatedProjection(nn.Module):
-    """GEGLU's Dense(dim -> 2*features) (params `kernel`, `bias`, as `Dense`) and its gate, value *
-    gelu(gate) with the exact (erf) GELU: `geglu_gemm.gated_projection` (one kernel where it can)."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 2 * self.features),
-                            self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (2 * self.features,), self.param_dtype)
-        return gated_projection(x, kernel, bias, self.dtype)
-
-
 class GEGLU(nn.Module):
-    """Dense(dim -> 2*inner) then value * gelu(gate), exact (erf) GELU."""
+    """Dense(dim -> 2*inner) then value * gelu(gate), exact (erf) GELU: `geglu_gemm.gated_projection`
+    (one kernel where it can)."""
 
     inner: int
     dtype: Dtype = jnp.float32
@@ -507,7 +492,8 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return GatedProjection(self.inner, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return Dense(2 * self.inner, name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
+                     product=gated_projection)(x)
 
 
 class FeedForward(nn.Module):
