@@ -611,3 +611,27 @@ def test_guidance_over_devices_moves_nothing_between_them():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "4 []", out.stdout
+
+
+def test_residual_stream_written_once_where_nothing_differentiates(monkeypatch):
+    """A transformer block's three residual sums pass an optimization barrier in inference (XLA
+    otherwise recomputes them inside every reader); differentiated, they are plain additions: the
+    training program is the one plain additions give."""
+    from latentdiff.models import unet
+
+    block = unet.TransformerBlock(heads=2, head_dim=8)
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16))
+    ctx = jax.random.normal(jax.random.key(1), (2, 5, 16))
+    params = block.init(jax.random.key(2), x, ctx)
+
+    def programs():  # traced afresh (jit's cache would keep the first trace)
+        f = lambda p, a: block.apply(p, a, ctx)  # noqa: E731
+        grad = jax.grad(lambda p, a: jnp.sum(f(p, a) ** 2), argnums=(0, 1))
+        return [jax.jit(g).lower(params, x).as_text() for g in (f, grad)]
+
+    inference, training = programs()
+    monkeypatch.setattr(unet, "residual", lambda a, b: a + b.astype(a.dtype))
+    plain_inference, plain_training = programs()
+    count = lambda text: text.count("optimization_barrier")  # noqa: E731 (also jax.checkpoint's)
+    assert count(inference) == count(plain_inference) + 3
+    assert training == plain_training

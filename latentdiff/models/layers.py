@@ -81,6 +81,28 @@ def lean_vjp(fwd, bwd, nondiff_argnums=()):
     return wrap
 
 
+def _residual_fwd(x, y):
+    return x + y, None
+
+
+def _residual_bwd(_, g):
+    return g, g
+
+
+@lean_vjp(_residual_fwd, _residual_bwd)
+def _residual(x, y):
+    return jax.lax.optimization_barrier(x + y)
+
+
+def residual(x, y):
+    """x + y (y cast to x's dtype) for a residual stream, written to memory where it is made when nothing
+    differentiates it. Left to itself, XLA fuses the additions of a transformer block's stream into
+    each reader instead: every LayerNorm and the block's last addition re-read all the earlier terms
+    (four tensors at the end of a block). The barrier makes each sum one tensor, and leaves its
+    addition to the kernel that makes y. Differentiated (training), a plain addition."""
+    return _residual(x, y.astype(x.dtype))
+
+
 _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from latentdiff.models.attention import key_values, multihead, pad_length
 from latentdiff.models.geglu_gemm import gated_projection
-from latentdiff.models.layers import (Dense, GroupNorm, LayerNorm, gathering, avg_pool2, conv, dense,
+from latentdiff.models.layers import (Dense, GroupNorm, LayerNorm, gathering, avg_pool2, conv, dense, residual,
                                       timestep_embedding, upsample_nearest)
 
 Dtype = Any
@@ -522,11 +522,11 @@ class TransformerBlock(nn.Module):
     def __call__(self, x, context=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, **kw)
-        x = x + CrossAttention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x))
+        x = residual(x, CrossAttention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x)))
         if context is not None:  # the rows part ways here when they meet several contexts each
             x = widen(x, context.shape[0])
-        x = x + CrossAttention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context)
-        return x + FeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
+        x = residual(x, CrossAttention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context))
+        return residual(x, FeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x)))
 
 
 class SpatialTransformer(nn.Module):
