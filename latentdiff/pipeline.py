@@ -272,7 +272,7 @@ def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
     u + scale * (c - u); with `guidance_scale` None, the UNet once. `concat`: channels appended to x.
     Guidance needs the context: x enters the UNet once for both, each row beside its two (`ctx`
     interleaved once), and the rows part ways at the first cross-attention (see `UNet`).
-    The context's keys and values are projected once, here, for all but the widest layers
+    The context's keys and values are projected once, here, for every layer
     (`unet.context_key_values`)."""
     if guidance_scale is not None:
         if ctx is None:  # both halves would see the same input: guidance would return c itself

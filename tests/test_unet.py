@@ -104,20 +104,18 @@ def test_condition_model_variant_parity(cond_variant):
 
 def test_context_keys_and_values_projected_once(cond_variant):
     """`context_key_values` (what a sampling loop computes before its steps): given back with the
-    parameters, it replaces the k/v projections of every cross-attention layer narrower than the
-    widest level (here zeroed, so a layer that still projected would be wrong); the widest layers
-    project theirs, and the output is torch's. They are stored for the padded context."""
+    parameters, it replaces the k/v projections of every cross-attention layer (here zeroed, so a
+    layer that still projected would be wrong), and the output is torch's. They are stored for the
+    padded context."""
     model, params, (x, t, ctx, y), ref = cond_variant
     kv = jax.jit(lambda p, c: context_key_values(model, p, c))(params, ctx)
-    widest = model.config.model_channels * max(model.config.channel_mult)
     cross = lambda path, kinds: re.search(rf"attn2.*to_[{kinds}]", jax.tree_util.keystr(path))  # noqa: E731
     layers = [a.shape[-1] for path, a in jax.tree_util.tree_leaves_with_path(params) if cross(path, "k")]
-    assert len(layers) == 2 * 7 and widest in layers and min(layers) < widest  # 7 sites, 2 layers each
-    assert sorted(a.shape[-1] for a in jax.tree.leaves(kv)) == sorted(2 * [w for w in layers if w < widest])
+    assert len(layers) == 2 * 7 and len(set(layers)) > 1  # 7 sites, 2 layers each, several widths
+    assert sorted(a.shape[-1] for a in jax.tree.leaves(kv)) == sorted(2 * layers)
     padded = -(-ctx.shape[1] // 8) * 8  # stored for the context zero-padded to 8k tokens (masked by length)
     assert ctx.shape[1] % 8 and {a.shape[1] for a in jax.tree.leaves(kv)} == {padded}
-    hoisted = lambda path, a: cross(path, "kv") and a.shape[-1] < widest  # noqa: E731
-    dropped = jax.tree_util.tree_map_with_path(lambda path, a: jnp.zeros_like(a) if hoisted(path, a) else a, params)
+    dropped = jax.tree_util.tree_map_with_path(lambda path, a: jnp.zeros_like(a) if cross(path, "kv") else a, params)
     assert "context_kv" not in jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, ctx, y))  # init stores none
     assert rel_err(_run(model, dropped, x, t, ctx, y=y), ref) > 1e-2  # the zeroed projections matter
     out = jax.jit(model.apply)({"params": dropped, CONTEXT_KV: kv}, x, t, ctx, y=y)
