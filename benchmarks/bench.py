@@ -39,6 +39,7 @@ import functools
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -684,7 +685,16 @@ def _one(case, args):
     lines = [line for line in proc.stdout.splitlines() if line.startswith('{"case"')]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1])
-    return {"case": case, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+    sys.stderr.write(f"--- {case}: the child's stderr, last 6000 characters ---\n{proc.stderr[-6000:]}\n")
+    return {"case": case, "error": exception_line(proc.stderr)[:200]}
+
+
+def exception_line(stderr):
+    """The line of a traceback that names the exception (JAX writes a note on its filtered frames
+    after it; a process killed without a traceback gives its last line)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    named = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
+    return (named or lines or ["no output"])[-1]
 
 
 def _subprocess_row(case, passthrough):

@@ -92,6 +92,18 @@ def test_benchmark_reports_a_failing_case(tmp_path):
     assert "unknown case 'no_such_case'" in proc.stdout
 
 
+def test_failing_child_row_names_the_exception_not_jax_note():
+    """A JAX error's traceback ends with JAX's note on its filtered frames: the row keeps the exception."""
+    proc = subprocess.run([sys.executable, "-c", "import jax, jax.numpy as jnp\n"
+                           "jax.jit(lambda x: x.reshape(3))(jnp.ones(2))"], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench
+    assert proc.returncode == 1 and "For simplicity" in proc.stderr.strip().splitlines()[-1]
+    assert bench.exception_line(proc.stderr).startswith("TypeError: cannot reshape array of shape (2,)")
+    assert bench.exception_line("Killed\n") == "Killed"
+
+
 def test_scaling_smoke_on_two_fake_devices():
     rows = {}
     for what, extra in (("dp", ["--variants=fsdp"]), ("fsdp", ["--time"]), ("sample", [])):
