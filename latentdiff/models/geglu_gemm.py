@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from latentdiff.models.layers import _SQRT_HALF, dense_apply, geglu, in_forward_mode
+from latentdiff.models.layers import _SQRT_HALF, computed_by, dense_apply, geglu
 
 HALF = 64  # output columns per warpgroup tile (two accumulators: 64 values and their 64 gates)
 EPI_ROWS = 64  # rows per epilogue store
@@ -201,27 +201,16 @@ def _xla_path(x, kernel, bias, dtype):
     return geglu(dense_apply(x, kernel, bias, dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(x, kernel, bias, dtype):
+def _kernel_path(x, kernel, bias, dtype):
     flat = x.reshape(-1, x.shape[-1]).astype(dtype)
     return geglu_matmul(flat, kernel, bias, tiles_for(flat.shape[0])).reshape(*x.shape[:-1], -1)
-
-
-def _fused_fwd(x, kernel, bias, dtype):  # differentiated: XLA's GEMM and the gate's own VJP
-    return jax.vjp(lambda a, k, b: _xla_path(a, k, b, dtype), x, kernel, bias)
-
-
-def _fused_bwd(dtype, pullback, g):
-    return pullback(g)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def gated_projection(x, kernel, bias, dtype):
     """GEGLU's `geglu(x @ kernel + bias)` in `dtype`. Where nothing differentiates it, on a Hopper GPU,
     one kernel with the gate as its epilogue (`geglu_matmul`); differentiated (training), XLA's GEMM and
     the gate's custom VJP, as `Dense` then `geglu`; in `forward_mode`, the plain functions."""
-    if in_forward_mode() or not _kernel_ok(x, kernel, dtype):
+    if not _kernel_ok(x, kernel, dtype):
         return _xla_path(x, kernel, bias, dtype)
-    return _fused(x, kernel, bias, dtype)
+    return computed_by(functools.partial(_kernel_path, dtype=dtype), functools.partial(_xla_path, dtype=dtype),
+                       x, kernel, bias)

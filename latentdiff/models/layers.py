@@ -66,6 +66,17 @@ def in_forward_mode():
     return _FORWARD_MODE.get()
 
 
+def computed_by(fast, reference, *args):
+    """reference(*args), computed by `fast`, another form of the same function, where nothing
+    differentiates it; differentiated, by `reference` with its own VJP, so training programs keep
+    `reference`; in `forward_mode`, `reference` as written. `fast` and `reference` take arrays only."""
+    if _FORWARD_MODE.get():
+        return reference(*args)
+    by = jax.custom_vjp(lambda *a: fast(*a))  # (custom_vjp would pass `fast`'s defaults on to the rule)
+    by.defvjp(lambda *a: jax.vjp(reference, *a), lambda pullback, g: pullback(g))
+    return by(*args)
+
+
 def lean_vjp(fwd, bwd, nondiff_argnums=()):
     """Decorator: the function with the VJP (`fwd`, `bwd`) that training uses, which keeps only what
     `fwd` saves (a bf16 input, per-group statistics) and recomputes the rest in the backward pass.
@@ -81,26 +92,13 @@ def lean_vjp(fwd, bwd, nondiff_argnums=()):
     return wrap
 
 
-def _residual_fwd(x, y):
-    return x + y, None
-
-
-def _residual_bwd(_, g):
-    return g, g
-
-
-@lean_vjp(_residual_fwd, _residual_bwd)
-def _residual(x, y):
-    return jax.lax.optimization_barrier(x + y)
-
-
 def residual(x, y):
     """x + y (y cast to x's dtype) for a residual stream, written to memory where it is made when nothing
     differentiates it. Left to itself, XLA fuses the additions of a transformer block's stream into
     each reader instead: every LayerNorm and the block's last addition re-read all the earlier terms
     (four tensors at the end of a block). The barrier makes each sum one tensor, and leaves its
-    addition to the kernel that makes y. Differentiated (training), a plain addition."""
-    return _residual(x, y.astype(x.dtype))
+    addition to the kernel that makes y. Differentiated (training), a plain addition (`computed_by`)."""
+    return computed_by(lambda a, b: jax.lax.optimization_barrier(a + b), jnp.add, x, y.astype(x.dtype))
 
 
 _SQRT_HALF = 0.7071067811865476
