@@ -468,8 +468,9 @@ def kernel_check_case(args):
     import jax.numpy as jnp
 
     from latentdiff.models import geglu_gemm
+    from latentdiff.models.hopper import hopper_gpu
 
-    if not args.smoke and not geglu_gemm.hopper_gpu(jax.devices()[0]):
+    if not args.smoke and not hopper_gpu(jax.devices()[0]):
         return dict(skipped="the kernels are for Hopper GPUs")
     kernel = geglu_gemm.geglu_matmul
     shapes = GEGLU_SHAPES
