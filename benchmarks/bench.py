@@ -468,9 +468,8 @@ def kernel_check_case(args):
     import jax.numpy as jnp
 
     from latentdiff.models import geglu_gemm
-    from latentdiff.models.hopper import hopper_gpu
 
-    if not args.smoke and not hopper_gpu(jax.devices()[0]):
+    if not args.smoke and not geglu_gemm.hopper_gpu(jax.devices()[0]):
         return dict(skipped="the kernels are for Hopper GPUs")
     kernel = geglu_gemm.geglu_matmul
     shapes = GEGLU_SHAPES
@@ -495,67 +494,7 @@ def kernel_check_case(args):
                 row[f"{name}_us"] = round(1e6 * _median_time(lambda: f(x, w, b).block_until_ready(),
                                                              args.warmup, max(args.reps, 20)), 1)
         rows.append(row)
-    split_k = _split_k_rows(args)
-    return dict(geglu=rows, split_k=split_k, max_rel_err=max(r["rel_err"] for r in rows + split_k))
-
-
-# The 3x3 convolutions of the txt2img UNet's 4x4 and 8x8 levels in the guided loop at batch 16:
-# (rows of the batch, side, inputs, outputs, stride); the forms tried: (columns of a CTA tile, slices).
-SPLIT_K_SHAPES = ((32, 4, 1280, 1280, 1), (32, 4, 2560, 1280, 1), (32, 8, 1280, 1280, 2))
-SPLIT_K_FORMS = ((128, 1), (128, 3), (64, 1), (64, 2))
-CONV_COPIES = 8  # convolutions per timed program (of different inputs): us per convolution
-
-
-def _split_k_rows(args):
-    """The split-K convolution (`split_k_gemm.conv3x3_split_k`, taps side by side, partials summed)
-    against XLA's (cuDNN's) in bf16, in each form: the largest difference over the largest value, and
-    microseconds per convolution. Smoke: one small shape in Pallas' GPU interpreter."""
-    import jax
-    import jax.numpy as jnp
-
-    from latentdiff.models import split_k_gemm
-
-    shapes, forms, copies, options = SPLIT_K_SHAPES, SPLIT_K_FORMS, CONV_COPIES, {}
-    if args.smoke:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-        shapes, forms, copies = ((8, 4, 128, 128, 1),), ((128, 2),), 1
-        options = dict(sms=2, interpret=InterpretGPUParams())
-
-    def xla(x, w):
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), [(1, 1)] * 2,
-                                            dimension_numbers=("NHWC", "OHWI", "NHWC"))
-
-    rows = []
-    for batch, side, c_in, c_out, stride in shapes:
-        keys = jax.random.split(jax.random.key(side * c_in + stride), 2)
-        xs = jax.random.normal(keys[0], (copies, batch, side, side, c_in), jnp.bfloat16)
-        w = (jax.random.normal(keys[1], (c_out, 3, 3, c_in)) / (9 * c_in) ** 0.5).astype(jnp.bfloat16)
-        programs = {"xla": xla}
-        for cols, splits in forms:
-            programs[f"c{cols}s{splits}"] = functools.partial(
-                split_k_gemm.conv3x3_split_k, stride=stride, splits=splits, dtype=jnp.bfloat16,
-                tiles=split_k_gemm.Tiles(cols=cols), **options)
-        row = dict(shape=[batch, side, c_in, c_out, stride])
-        ref = None
-        for name, conv in programs.items():
-            f = jax.jit(lambda xs, w, conv=conv: [conv(x, w) for x in xs])
-            try:
-                out = f(xs, w)[0].astype(jnp.float32)
-            except Exception as e:  # a form the kernel refuses: recorded, the others still run
-                row[f"{name}_error"] = f"{type(e).__name__}: {str(e).strip()[:300]}"
-                continue
-            if ref is None:
-                ref = out
-            else:
-                row["rel_err"] = max(row.get("rel_err", 0.0),
-                                     float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref))))
-            if not args.smoke:
-                row[f"{name}_us"] = round(1e6 * _median_time(lambda: jax.block_until_ready(f(xs, w)),
-                                                             args.warmup, max(args.reps, 20)) / copies, 1)
-            print(f"split-K conv {row['shape']} {name}: {row.get(f'{name}_us')} us", file=sys.stderr, flush=True)
-        rows.append(row)
-    return rows
+    return dict(geglu=rows, max_rel_err=max(r["rel_err"] for r in rows))
 
 
 # The txt2img UNet as diffusers builds it (the peer's model); smoke: two small levels.
@@ -719,10 +658,6 @@ def table(rows):
             times = ", ".join(f"{g['kernel_us']} / {g['xla_us']}" for g in r["geglu"] if "kernel_us" in g)
             lines.append(f"| kernel_check | GEGLU kernel against XLA: max rel diff {r['max_rel_err']:.1e}"
                          + (f"; us {times}" if times else "") + " |  |  |  |  |  |  |")
-            for row in r.get("split_k", []):
-                times = ", ".join(f"{k[:-3]} {v}" for k, v in row.items() if k.endswith("_us"))
-                lines.append(f"| kernel_check | split-K conv {row['shape']}: rel diff {row.get('rel_err', 0):.1e}"
-                             + (f"; us {times}" if times else "") + " |  |  |  |  |  |  |")
             continue
         if r["case"] == "bf16_vs_torch":
             lines.append(f"| bf16_vs_torch | UNet rel err {r['ours_rel_err']:.2e} (fp32 vs torch "

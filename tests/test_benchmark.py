@@ -41,8 +41,6 @@ def test_benchmark_smoke_runs_every_case(tmp_path):
     assert "| train_txt2img |" in proc.stdout and "| bf16_check |" in proc.stdout
     # the GEGLU kernel (Pallas' GPU interpreter here) against XLA's GEMM and gate: bf16 rounding apart
     assert 0 < rows["kernel_check"]["max_rel_err"] < 1e-2 and "| kernel_check |" in proc.stdout
-    # and the split-K convolution against XLA's
-    assert 0 < rows["kernel_check"]["split_k"][0]["rel_err"] < 1e-2 and "split-K conv" in proc.stdout
     # --profile traced one timed call of each timed case (the CPU has no device kernels to count)
     for case in ("train_txt2img", "train_kl_f8", "sample_b1"):
         assert rows[case]["profile"]["kernels"] == 0

@@ -18,7 +18,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from latentdiff.models.hopper import one_hopper_gpu
 from latentdiff.models.layers import _SQRT_HALF, computed_by, dense_apply, geglu
 
 HALF = 64  # output columns per warpgroup tile (two accumulators: 64 values and their 64 gates)
@@ -183,9 +182,16 @@ def tiles_for(m):
     return Tiles(split="m") if m >= 16384 else Tiles(split="n", minor="m")
 
 
+def hopper_gpu(device):
+    """Whether `device` is a Hopper GPU (compute capability 9.0), where the kernel compiles."""
+    return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
+
+
 def _kernel_ok(x, kernel, dtype):
-    """Whether the kernel can run here: one Hopper GPU, bf16 compute, shapes that split into its tiles."""
-    if not one_hopper_gpu():
+    """Whether the kernel can run here: one Hopper GPU, bf16 compute, shapes that split into its tiles.
+    With several devices a program's batch may be sharded, and XLA cannot partition the kernel's custom
+    call (it would gather the operands): not before a `shard_map` around it."""
+    if jax.device_count() != 1 or not hopper_gpu(jax.devices()[0]):
         return False
     m = x.size // x.shape[-1]
     return jnp.dtype(dtype) == jnp.bfloat16 and fits(m, x.shape[-1], kernel.shape[1], tiles_for(m))

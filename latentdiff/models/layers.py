@@ -13,8 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from latentdiff.models import split_k_gemm
-
 Dtype = Any
 
 
@@ -342,12 +340,8 @@ class Conv2D(nn.Module):
                 raise ValueError("Conv2D(upsample=True) is a 3x3 convolution of stride 1 and padding 1")
             y = cast_in_backward(upsample_conv, x, kernel, dtype)
         else:
-            def reference(a, w):
-                return cast_in_backward(lambda a, w: jax.lax.conv_general_dilated(
-                    a, w, (self.stride, self.stride), pad, dimension_numbers=("NHWC", "OHWI", "NHWC")), a, w, dtype)
-            splits = split_k_gemm.conv_splits(x, kernel, self.stride, self.padding, dtype)
-            y = reference(x, kernel) if splits == 1 else computed_by(functools.partial(
-                split_k_gemm.conv3x3_split_k, stride=self.stride, splits=splits, dtype=dtype), reference, x, kernel)
+            y = cast_in_backward(lambda a, w: jax.lax.conv_general_dilated(
+                a, w, (self.stride, self.stride), pad, dimension_numbers=("NHWC", "OHWI", "NHWC")), x, kernel, dtype)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + bias.astype(dtype)
