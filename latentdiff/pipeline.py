@@ -15,7 +15,7 @@ from latentdiff import parallel
 from latentdiff.diffusion import samplers
 from latentdiff.diffusion.schedules import NoiseSchedule
 from latentdiff.models.autoencoder import first_stage_latents
-from latentdiff.models.unet import CONTEXT_KV, context_key_values
+from latentdiff.models.unet import CONTEXT_KV, TIME_PROJ, context_key_values, time_projections
 from latentdiff.runtime import COMPILER_OPTIONS
 
 TASKS = ("text2img", "class2img", "uncond", "superres", "inpaint", "semantic")
@@ -273,7 +273,8 @@ def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
     Guidance needs the context: x enters the UNet once for both, each row beside its two (`ctx`
     interleaved once), and the rows part ways at the first cross-attention (see `UNet`).
     The context's keys and values are projected once, here, for every layer
-    (`unet.context_key_values`)."""
+    (`unet.context_key_values`), and the time embedding's projections once, before the loop, for
+    every step (`model_fn.per_step`, which `samplers.sample` calls: `unet.time_projections`)."""
     if guidance_scale is not None:
         if ctx is None:  # both halves would see the same input: guidance would return c itself
             raise ValueError("guidance needs a context whose unconditional rows come first")
@@ -282,15 +283,20 @@ def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
     if ctx is not None:
         variables[CONTEXT_KV] = context_key_values(unet, unet_params, ctx)
 
-    def model_fn(x, t):
+    def model_fn(x, t, step=None):
         xin = x if concat is None else jnp.concatenate([x, concat.astype(x.dtype)], -1)
-        out = unet.apply(variables, xin, t, ctx).astype(jnp.float32)
+        out = unet.apply(variables if step is None else {**variables, TIME_PROJ: step}, xin, t, ctx)
+        out = out.astype(jnp.float32)
         if guidance_scale is None:
             return out
         out = out.reshape((-1, 2) + out.shape[1:])  # x once for both contexts (see `UNet`): rows 2j, 2j + 1
         out_u, out_c = out[:, 0], out[:, 1]
         return out_u + guidance_scale * (out_c - out_u)
 
+    def per_step(ts):  # one row per step: every row of a step shares its timestep
+        return jax.tree.map(lambda e: e[:, None], time_projections(unet, unet_params, ts))
+
+    model_fn.per_step = per_step
     return model_fn
 
 

@@ -215,3 +215,24 @@ def test_inpaint_and_errors():
         samplers.sample(toy_model, x, schedule, sampler="plms", eta=0.5)
     with pytest.raises(ValueError, match="unknown sampler"):
         samplers.sample(toy_model, x, schedule, sampler="euler")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "plms"])
+def test_per_step_rows_meet_their_steps(sampler):
+    """A model_fn's `per_step` runs once on every row's timestep, and each call gets its own row
+    (PLMS' predictor row too): the toy model's time factor, computed apart, gives the same samples."""
+    schedule = NoiseSchedule.from_config()
+    x = jnp.asarray(x_T(3))
+    seen = []
+
+    def model(x, t, step):
+        return 0.3 * x + 0.1 * jnp.sin(x) * step["factor"].reshape(-1, 1, 1, 1)
+
+    def per_step(ts):
+        seen.append(ts.shape)
+        return {"factor": (ts.astype(jnp.float32) / 1000)[:, None]}
+
+    model.per_step = per_step
+    run = lambda fn: jax.jit(lambda x: samplers.sample(fn, x, schedule, sampler=sampler, num_steps=10))(x)  # noqa: E731
+    np.testing.assert_allclose(run(model), run(toy_model), rtol=1e-6, atol=1e-6)
+    assert seen == [(10 + (sampler == "plms"),)]

@@ -9,7 +9,7 @@ import pytest
 from flax import traverse_util
 
 from latentdiff import forward_mode
-from latentdiff.models.unet import CONTEXT_KV, UNet, UNetConfig, context_key_values
+from latentdiff.models.unet import CONTEXT_KV, TIME_PROJ, UNet, UNetConfig, context_key_values, time_projections
 from tests.torch_utils import flax_params_from_torch, nchw, nhwc, rel_err
 
 torch = pytest.importorskip("torch")
@@ -100,6 +100,31 @@ def test_condition_model_variant_parity(cond_variant):
     assert params["class_embedding"]["embedding"].shape == (5, 128)
     err = rel_err(_run(model, params, x, t, ctx, y=y), ref)
     assert err <= 1e-4, err
+
+
+def test_time_projections_computed_apart(cond_variant):
+    """`time_projections` (what a sampling loop computes for all its steps before them): given back
+    with the parameters, they replace the time and class embeddings and every ResBlock's projection
+    (here zeroed, so a block that still projected would be wrong), and the output is torch's. A shared
+    timestep's projections, one row, serve every row of x (and of the guided rows after them)."""
+    model, params, (x, t, ctx, y), ref = cond_variant
+    project = jax.jit(lambda p, t, y: time_projections(model, p, t, y))
+    e = project(params, t, y)
+    blocks = [path for path, _ in jax.tree_util.tree_leaves_with_path(params)
+              if re.search(r"time_emb_proj.*kernel", jax.tree_util.keystr(path))]
+    assert len(jax.tree.leaves(e)) == len(blocks) > 2 and {a.shape[0] for a in jax.tree.leaves(e)} == {len(t)}
+    assert TIME_PROJ not in jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, ctx, y))  # init stores none
+    timed = lambda path: re.search("time_emb|class_emb", jax.tree_util.keystr(path))  # noqa: E731
+    dropped = jax.tree_util.tree_map_with_path(lambda path, a: jnp.zeros_like(a) if timed(path) else a, params)
+    apply = jax.jit(model.apply)
+    assert rel_err(apply({"params": dropped}, x, t, ctx, y), ref) > 1e-2  # the zeroed projections matter
+    err = rel_err(apply({"params": dropped, TIME_PROJ: e}, x, t, ctx, y), ref)
+    assert err <= 1e-4, err
+    shared, same_y, ctx2 = np.full_like(t, t[1]), np.full_like(y, y[0]), np.concatenate([ctx, 0.5 * ctx])
+    one = project(params, shared[:1], same_y[:1])
+    full = apply({"params": params}, x, shared, ctx2, same_y)
+    out = apply({"params": dropped, TIME_PROJ: one}, x, shared, ctx2, same_y)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(full), rtol=1e-5, atol=1e-5)
 
 
 def test_context_keys_and_values_projected_once(cond_variant):

@@ -192,7 +192,11 @@ def sample(model_fn, x_T, schedule, *, sampler="ddim", num_steps=50, eta=0.0, rn
            inpaint=None, noise=None, return_trajectory=False):
     """Run a sampler from x_T; returns x_0 (float32), or (x_0, per-row x's) with return_trajectory.
 
-    model_fn(x, t) -> model output (t: int32 (B,)); guidance belongs inside model_fn.
+    model_fn(x, t) -> model output (t: int32 (B,)); guidance belongs inside model_fn. A model_fn with
+      a `per_step` attribute, per_step(ts) -> a pytree whose leaves have a leading axis of len(ts),
+      has it called once, before the loop, on the timesteps of all rows (ts: int32 (rows,)), and is
+      called as model_fn(x, t, step) with its row of that pytree: what a step computes from its
+      timestep alone (`pipeline.guided_model_fn`: the UNet's time projections) leaves the loop.
     rng: a JAX key, needed for eta > 0 (or a traced eta), 'ddpm' and `inpaint`; row i uses
       fold_in(rng, i). eta may be a traced value, so that one compiled program serves every eta.
     noise: optional pre-drawn step noise, shape (rows, *x_T.shape), used instead of rng for the
@@ -214,6 +218,9 @@ def sample(model_fn, x_T, schedule, *, sampler="ddim", num_steps=50, eta=0.0, rn
     xs = {name: jnp.asarray(v, jnp.float32 if jnp.issubdtype(v.dtype, jnp.floating) else v.dtype)
           for name, v in table.items()}
     xs["i"] = jnp.arange(n_rows, dtype=jnp.int32)
+    per_step = getattr(model_fn, "per_step", None)
+    if per_step is not None:
+        xs["model"] = per_step(xs["t"])
     if use_noise and noise is not None:
         if noise.shape != (n_rows,) + x.shape:
             raise ValueError(f"noise must have shape {(n_rows,) + x.shape}, got {noise.shape}")
@@ -230,7 +237,8 @@ def sample(model_fn, x_T, schedule, *, sampler="ddim", num_steps=50, eta=0.0, rn
             known = jnp.sqrt(a) * x0_known + jnp.sqrt(1 - a) * z
             x_in = jnp.where(row["from_saved"], x, known * keep + (1 - keep) * x)
         t = jnp.full((x.shape[0],), row["t"], jnp.int32)
-        d = convert(model_fn(x_in, t).astype(jnp.float32), x_in, row["alpha_bar"], kind)
+        out = model_fn(x_in, t) if per_step is None else model_fn(x_in, t, row["model"])
+        d = convert(out.astype(jnp.float32), x_in, row["alpha_bar"], kind)
         base = jnp.where(row["from_saved"], x_saved, x_in) if use_saved else x_in
         x_next = row["c_x"] * base + row["c_d"][0] * d
         for j in range(1, k):
