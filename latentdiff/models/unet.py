@@ -393,6 +393,18 @@ def widen(a, rows):
 TIME_PROJ = "time_proj"  # variable collection: each ResBlock's projection of the time embedding
 
 
+def computed_once(module, collection, name, compute):
+    """`module`'s variable `name` of `collection` where the variables hold it (a sampling loop's cache,
+    `context_key_values`, `time_projections`); else compute(), stored there when the collection is
+    mutable (not in `init`)."""
+    if module.has_variable(collection, name):
+        return module.get_variable(collection, name)
+    value = compute()
+    if module.is_mutable_collection(collection) and not module.is_initializing():
+        module.put_variable(collection, name, value)
+    return value
+
+
 class ResBlock(nn.Module):
     """openaimodel ResBlock (diffusers ResnetBlock2D), optionally resampling ('up'/'down').
 
@@ -420,12 +432,7 @@ class ResBlock(nn.Module):
             h, x = avg_pool2(h), avg_pool2(x)
         h = conv(self.out_channels, name="conv1", upsample=up, **kw)(h)
         width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        if self.has_variable(TIME_PROJ, "e"):
-            e = self.get_variable(TIME_PROJ, "e")
-        else:
-            e = dense(width, name="time_emb_proj", **kw)(nn.silu(emb))
-            if self.is_mutable_collection(TIME_PROJ) and not self.is_initializing():
-                self.put_variable(TIME_PROJ, "e", e)
+        e = computed_once(self, TIME_PROJ, "e", lambda: dense(width, name="time_emb_proj", **kw)(nn.silu(emb)))
         e = widen(e, x.shape[0])
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(e[:, None, None, :], 2, axis=-1)
@@ -484,11 +491,7 @@ class CrossAttention(nn.Module):
         kv, length = None, None
         if context is not None:
             length, context = context.shape[1], pad_length(context)
-        if context is not None and self.has_variable(CONTEXT_KV, "kv"):
-            kv = self.get_variable(CONTEXT_KV, "kv")
-        elif context is not None and self.is_mutable_collection(CONTEXT_KV) and not self.is_initializing():
-            kv = key_values(context, self.heads * self.head_dim, **kw)
-            self.put_variable(CONTEXT_KV, "kv", kv)
+            kv = computed_once(self, CONTEXT_KV, "kv", lambda: key_values(context, self.heads * self.head_dim, **kw))
         return multihead(x, context, self.heads, self.head_dim, qkv_bias=False, zero_out=False, kv=kv,
                          kv_length=length, **kw)
 
@@ -786,13 +789,22 @@ def time_projections(unet, params, t, y=None):
     they are repeated (`widen`). As `context_key_values`, it runs the UNet on a small zero input whose
     output is dropped: under `jax.jit`, dead code but the embedding."""
     cfg = unet.config
-    b, s = t.shape[0], cfg.size_multiple
-    x = jnp.zeros((b, s, s, cfg.in_channels), jnp.float32)
     context = None
     if cfg.use_spatial_transformer and cfg.context_dim is not None:
-        context = jnp.zeros((b, 1, cfg.context_dim), jnp.float32)
-    _, state = unet.apply({"params": params}, x, t, context, y, mutable=["params", TIME_PROJ])
-    return state[TIME_PROJ]
+        context = jnp.zeros((t.shape[0], 1, cfg.context_dim), jnp.float32)
+    return _collected(unet, params, TIME_PROJ, t, context, y)
+
+
+def _collected(unet, params, collection, t, context, y):
+    """The `collection` the UNet's layers store (`computed_once`) when run on timesteps t (B,), a
+    context and labels y, and a small zero input whose output is dropped."""
+    cfg = unet.config
+    s = cfg.size_multiple
+    x = jnp.zeros((t.shape[0], s, s, cfg.in_channels), jnp.float32)
+    # "params" mutable too: flax's map_variables (layers.gathering) cannot take another mutable
+    # collection alone
+    _, state = unet.apply({"params": params}, x, t, context, y, mutable=["params", collection])
+    return state[collection]
 
 
 def context_key_values(unet, params, context):
@@ -804,11 +816,6 @@ def context_key_values(unet, params, context):
     txt2img UNet's six widest sites alone project 101 GFLOP a step at batch 16 with guidance; the
     cache is 111 MiB there). The call runs the UNet on a small zero input whose output is dropped:
     under `jax.jit` all but the projections is dead code."""
-    cfg = unet.config
-    b, s = context.shape[0], cfg.size_multiple
-    x = jnp.zeros((b, s, s, cfg.in_channels), jnp.float32)
-    y = None if cfg.num_classes is None else jnp.zeros((b,), jnp.int32)
-    # "params" mutable too: flax's map_variables (layers.gathering) cannot take another mutable
-    # collection alone
-    _, state = unet.apply({"params": params}, x, jnp.zeros((b,)), context, y, mutable=["params", CONTEXT_KV])
-    return state[CONTEXT_KV]
+    b = context.shape[0]
+    y = None if unet.config.num_classes is None else jnp.zeros((b,), jnp.int32)
+    return _collected(unet, params, CONTEXT_KV, jnp.zeros((b,)), context, y)
