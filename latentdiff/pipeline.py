@@ -15,7 +15,8 @@ from latentdiff import parallel
 from latentdiff.diffusion import samplers
 from latentdiff.diffusion.schedules import NoiseSchedule
 from latentdiff.models.autoencoder import first_stage_latents
-from latentdiff.models.unet import CONTEXT_KV, TIME_PROJ, context_key_values, time_projections
+from latentdiff.models.unet import (CONTEXT_KV, PREPARED, TIME_PROJ, context_key_values, prepared_weights,
+                                   time_projections)
 from latentdiff.runtime import COMPILER_OPTIONS
 
 TASKS = ("text2img", "class2img", "uncond", "superres", "inpaint", "semantic")
@@ -273,13 +274,14 @@ def guided_model_fn(unet, unet_params, ctx, guidance_scale=None, concat=None):
     Guidance needs the context: x enters the UNet once for both, each row beside its two (`ctx`
     interleaved once), and the rows part ways at the first cross-attention (see `UNet`).
     The context's keys and values are projected once, here, for every layer
-    (`unet.context_key_values`), and the time embedding's projections once, before the loop, for
-    every step (`model_fn.per_step`, which `samplers.sample` calls: `unet.time_projections`)."""
+    (`unet.context_key_values`), the time embedding's projections once, before the loop, for
+    every step (`model_fn.per_step`, which `samplers.sample` calls: `unet.time_projections`), and
+    what the layers derive from their weights alone once (`unet.prepared_weights`)."""
     if guidance_scale is not None:
         if ctx is None:  # both halves would see the same input: guidance would return c itself
             raise ValueError("guidance needs a context whose unconditional rows come first")
         ctx = jnp.stack(jnp.split(ctx, 2), axis=1).reshape((-1,) + ctx.shape[1:])  # each row's two side by side
-    variables = {"params": unet_params}
+    variables = {"params": unet_params, PREPARED: prepared_weights(unet, unet_params)}
     if ctx is not None:
         variables[CONTEXT_KV] = context_key_values(unet, unet_params, ctx)
 

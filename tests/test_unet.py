@@ -9,7 +9,8 @@ import pytest
 from flax import traverse_util
 
 from latentdiff import forward_mode
-from latentdiff.models.unet import CONTEXT_KV, TIME_PROJ, UNet, UNetConfig, context_key_values, time_projections
+from latentdiff.models.unet import (CONTEXT_KV, PREPARED, TIME_PROJ, UNet, UNetConfig, context_key_values, prepared_weights,
+                                   time_projections)
 from tests.torch_utils import flax_params_from_torch, nchw, nhwc, rel_err
 
 torch = pytest.importorskip("torch")
@@ -145,6 +146,22 @@ def test_context_keys_and_values_projected_once(cond_variant):
     assert rel_err(_run(model, dropped, x, t, ctx, y=y), ref) > 1e-2  # the zeroed projections matter
     out = jax.jit(model.apply)({"params": dropped, CONTEXT_KV: kv}, x, t, ctx, y=y)
     err = rel_err(out, ref)
+    assert err <= 1e-4, err
+
+
+def test_upsampling_kernels_prepared_once(cond_variant):
+    """`prepared_weights` (what a sampling loop computes once, before its steps): given back with the
+    parameters, each upsampler's per-phase kernels replace its own (here zeroed, so a layer that still
+    folded its kernel would be wrong), and the output is torch's."""
+    model, params, (x, t, ctx, y), ref = cond_variant
+    prepared = jax.jit(lambda p: prepared_weights(model, p))(params)
+    up = lambda path: re.search(r"upsamplers.*conv.*kernel", jax.tree_util.keystr(path))  # noqa: E731
+    kernels = [a for path, a in jax.tree_util.tree_leaves_with_path(params) if up(path)]
+    assert [a.shape for a in jax.tree.leaves(prepared)] == [(2, 2, k.shape[0], 2, 2, k.shape[-1]) for k in kernels]
+    assert PREPARED not in jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, ctx, y))  # init stores none
+    dropped = jax.tree_util.tree_map_with_path(lambda path, a: jnp.zeros_like(a) if up(path) else a, params)
+    assert rel_err(_run(model, dropped, x, t, ctx, y=y), ref) > 1e-2  # the zeroed kernels matter
+    err = rel_err(jax.jit(model.apply)({"params": dropped, PREPARED: prepared}, x, t, ctx, y=y), ref)
     assert err <= 1e-4, err
 
 

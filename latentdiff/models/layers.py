@@ -306,6 +306,21 @@ def cast_in_backward(op, x, kernel, dtype):
     return jax.checkpoint(lambda a, k: op(a, k.astype(dtype)))(x, kernel)
 
 
+PREPARED = "prepared"  # variable collection: what layers derive from their parameters alone
+
+
+def computed_once(module, collection, name, compute):
+    """`module`'s variable `name` of `collection` where the variables hold it (a sampling loop's cache:
+    `unet.context_key_values`, `unet.time_projections`, `unet.prepared_weights`); else compute(),
+    stored there when the collection is mutable (not in `init`)."""
+    if module.has_variable(collection, name):
+        return module.get_variable(collection, name)
+    value = compute()
+    if module.is_mutable_collection(collection) and not module.is_initializing():
+        module.put_variable(collection, name, value)
+    return value
+
+
 class Conv2D(nn.Module):
     """A 2-D convolution of NHWC inputs whose kernel is stored (out, kh, kw, in).
 
@@ -338,7 +353,12 @@ class Conv2D(nn.Module):
         if self.upsample:
             if (k, self.stride, self.padding) != (3, 1, 1):
                 raise ValueError("Conv2D(upsample=True) is a 3x3 convolution of stride 1 and padding 1")
-            y = cast_in_backward(upsample_conv, x, kernel, dtype)
+            if self.has_variable(PREPARED, "phases") or self.is_mutable_collection(PREPARED):
+                # a sampling loop's: the phases' kernels folded once, before it (`unet.prepared_weights`)
+                phases = computed_once(self, PREPARED, "phases", lambda: upsample_phases(kernel.astype(dtype)))
+                y = upsample_conv(x.astype(dtype), phases)
+            else:
+                y = cast_in_backward(lambda a, w: upsample_conv(a, upsample_phases(w)), x, kernel, dtype)
         else:
             y = cast_in_backward(lambda a, w: jax.lax.conv_general_dilated(
                 a, w, (self.stride, self.stride), pad, dimension_numbers=("NHWC", "OHWI", "NHWC")), x, kernel, dtype)
@@ -367,18 +387,25 @@ def _fold_taps(k, axis):
     return jnp.stack([jnp.stack([t0, t1 + t2], axis), jnp.stack([t0 + t1, t2], axis)])
 
 
-def upsample_conv(x, kernel):
-    """conv3x3(upsample_nearest(x, 2)) with padding 1, x (b, h, w, c), kernel (out, 3, 3, c), as four
-    2x2 convolutions of x, one per output phase (sub-pixel): 16 instead of 36 multiply-adds per input
-    pixel and channel pair, and the 4x larger upsampled input is never written. Each phase's 2x2
-    kernel sums the taps that land on the same input pixel (in float32) and its convolution is padded
-    to read exactly its own window, so neither pass computes outputs that are thrown away (one
-    convolution of 4 * out channels over x padded by 1, sliced per phase, had a backward 2-5x slower
-    on the autoencoder's large maps; BENCHMARKS.md, session 17)."""
+def upsample_phases(kernel):
+    """A 3x3 kernel (out, 3, 3, c) of a convolution after nearest x2 upsampling, as its four output
+    phases' 2x2 kernels (2 a, 2 b, out, 2 r, 2 s, c) in the kernel's dtype: the taps that land on the
+    same input pixel summed in float32 (`upsample_conv`)."""
+    return _fold_taps(_fold_taps(kernel.astype(jnp.float32), 2), 2).astype(kernel.dtype)
+
+
+def upsample_conv(x, phases):
+    """conv3x3(upsample_nearest(x, 2)) with padding 1, x (b, h, w, c), its kernel given as its
+    `upsample_phases`: four 2x2 convolutions of x, one per output phase (sub-pixel), 16 instead of
+    36 multiply-adds per input pixel and channel pair, and the 4x larger upsampled input is never
+    written. Each phase's convolution is padded to read exactly its own window, so neither pass
+    computes outputs that are thrown away (one convolution of 4 * out channels over x padded by 1,
+    sliced per phase, had a backward 2-5x slower on the autoencoder's large maps; BENCHMARKS.md,
+    session 17). The phases depend on the weights alone: a sampling loop folds them once
+    (`Conv2D`, the `prepared` collection), not on every step (XLA keeps them in the loop)."""
     b, h, w, _ = x.shape
-    out = kernel.shape[0]
-    k = _fold_taps(_fold_taps(kernel.astype(jnp.float32), 2), 2).astype(x.dtype)  # (2 a, 2 b, out, 2 r, 2 s, c)
-    rows = [jnp.stack([jax.lax.conv_general_dilated(x, k[a, c], (1, 1), [(1 - a, a), (1 - c, c)],
+    out = phases.shape[2]
+    rows = [jnp.stack([jax.lax.conv_general_dilated(x, phases[a, c], (1, 1), [(1 - a, a), (1 - c, c)],
                                                     dimension_numbers=("NHWC", "OHWI", "NHWC"))
                        for c in (0, 1)], axis=3) for a in (0, 1)]
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, out)  # (b, h, 2 a, w, 2 b, out)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from latentdiff.models.attention import key_values, multihead, pad_length
 from latentdiff.models.geglu_gemm import gated_projection
-from latentdiff.models.layers import (Dense, GroupNorm, LayerNorm, gathering, avg_pool2, conv, dense, residual,
-                                      timestep_embedding, upsample_nearest)
+from latentdiff.models.layers import (PREPARED, Dense, GroupNorm, LayerNorm, gathering, avg_pool2, computed_once, conv,
+                                      dense, residual, timestep_embedding, upsample_nearest)
 
 Dtype = Any
 
@@ -391,18 +391,6 @@ def widen(a, rows):
 
 
 TIME_PROJ = "time_proj"  # variable collection: each ResBlock's projection of the time embedding
-
-
-def computed_once(module, collection, name, compute):
-    """`module`'s variable `name` of `collection` where the variables hold it (a sampling loop's cache,
-    `context_key_values`, `time_projections`); else compute(), stored there when the collection is
-    mutable (not in `init`)."""
-    if module.has_variable(collection, name):
-        return module.get_variable(collection, name)
-    value = compute()
-    if module.is_mutable_collection(collection) and not module.is_initializing():
-        module.put_variable(collection, name, value)
-    return value
 
 
 class ResBlock(nn.Module):
@@ -793,6 +781,20 @@ def time_projections(unet, params, t, y=None):
     if cfg.use_spatial_transformer and cfg.context_dim is not None:
         context = jnp.zeros((t.shape[0], 1, cfg.context_dim), jnp.float32)
     return _collected(unet, params, TIME_PROJ, t, context, y)
+
+
+def prepared_weights(unet, params):
+    """What the UNet's layers derive from their parameters alone, as the `prepared` collection: the
+    upsampling convolutions' per-phase kernels (`layers.upsample_phases`). A sampling loop computes
+    them once and passes them back with the parameters, `unet.apply({"params": params, "prepared": w},
+    ...)`: XLA leaves them in the loop by itself, where the txt2img UNet's three upsamplers refold
+    their kernels on every step (~170 us on an H200, 1.2% of the loop; BENCHMARKS.md, session 23)."""
+    cfg = unet.config
+    context = None
+    if cfg.use_spatial_transformer and cfg.context_dim is not None:
+        context = jnp.zeros((1, 1, cfg.context_dim), jnp.float32)
+    y = None if cfg.num_classes is None else jnp.zeros((1,), jnp.int32)
+    return _collected(unet, params, PREPARED, jnp.zeros((1,)), context, y)
 
 
 def _collected(unet, params, collection, t, context, y):
